@@ -1,0 +1,79 @@
+"""Checkpoint formats. The inference checkpoint is shared by every job:
+
+    DIR/params        an orbax pytree of model parameters ({'params': ...}; EMA weights when trained)
+    DIR/config.json   {'model': {...}, 'diffusion': {...}} (the config sections that define the model)
+
+It is written by the official-checkpoint converter and by training's export, and read by sampling
+and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+
+
+def _plain(config: Mapping[str, Any]) -> dict:
+    """A ConfigDict or mapping -> JSON-ready nested dict."""
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return json.loads(json.dumps(dict(config)))
+
+
+def save_inference_checkpoint(
+    directory: str, params, model_config: Mapping[str, Any], diffusion_config: Mapping[str, Any]
+) -> str:
+    """Writes params + config.json to `directory` (created; must not hold a checkpoint yet)."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    if os.path.exists(params_dir):
+        raise FileExistsError(
+            f"{params_dir} already exists; choose an empty output directory or remove it first"
+        )
+    os.makedirs(directory, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(params_dir, jax.tree_util.tree_map(np.asarray, params))
+    checkpointer.wait_until_finished()
+    config = {"model": _plain(model_config), "diffusion": _plain(diffusion_config)}
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return directory
+
+
+def load_inference_config(directory: str) -> dict:
+    path = os.path.join(os.path.abspath(directory), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: an inference checkpoint directory holds params/ and config.json "
+            f"(write one with `python -m fvdm_jax.convert` or training's --mode=export)"
+        )
+    with open(path) as f:
+        config = json.load(f)
+    for section in ("model", "diffusion"):
+        if section not in config:
+            raise ValueError(f"{path} has no '{section}' section")
+    return config
+
+
+def load_inference_checkpoint(directory: str, target=None):
+    """Returns (params, config). `target`: an abstract pytree (with shardings) to restore onto."""
+    import orbax.checkpoint as ocp
+
+    config = load_inference_config(directory)
+    params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"{params_dir} not found: the checkpoint has no parameters")
+    checkpointer = ocp.StandardCheckpointer()
+    params = checkpointer.restore(params_dir, target) if target is not None else (
+        checkpointer.restore(params_dir)
+    )
+    return params, config

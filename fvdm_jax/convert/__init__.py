@@ -1,0 +1,1 @@
+"""Weight converters from other codebases' checkpoints into fvdm_jax inference checkpoints."""

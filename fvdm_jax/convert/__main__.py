@@ -1,0 +1,102 @@
+"""Convert an official FVDM or Latte checkpoint into an fvdm_jax inference checkpoint.
+
+    python -m fvdm_jax.convert official --checkpoint CKPT --output DIR [--config configs/x.py]
+
+CKPT: a torch file (.pt/.pth/.bin/.ckpt, read with torch.load(weights_only=True); torch is an
+optional extra), a .safetensors file, or a .npz of the state_dict tensors (no torch needed; use
+--prefix to pick one state_dict out of an npz that holds several). Containers {'ema': sd} and
+{'model': sd} are unwrapped, the EMA weights first. Without --config the model shape is inferred
+from the weights (the head count from the named S/B/L/XL sizes, or --num_heads) and the diffusion
+section takes the default 1000-step linear schedule.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from fvdm_jax.checkpoint import save_inference_checkpoint
+from fvdm_jax.convert.official import (
+    ConversionError,
+    convert_state_dict,
+    infer_model_config,
+    unwrap_state_dict,
+)
+from fvdm_jax.diffusion.schedule import Schedule
+from fvdm_jax.models.dit import model_from_config
+
+FORMATS = ("official",)
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official FVDM / Latte checkpoint file.")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory for the inference checkpoint.")
+_PREFIX = flags.DEFINE_string("prefix", "", "Key prefix selecting one state_dict inside an .npz.")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", None, "Head count when it cannot be inferred.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with model/diffusion.")
+
+
+def read_checkpoint(path: str, prefix: str = "") -> dict:
+    """Loads the tensors of a checkpoint file into a flat {name: numpy array} state_dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npz":
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as data:
+            raw = {k[len(prefix):]: data[k] for k in data.files if k.startswith(prefix)}
+        if not raw:
+            raise ConversionError(f"{path} has no arrays under prefix {prefix!r}")
+        return unwrap_state_dict(raw)
+    if ext == ".safetensors":
+        try:
+            from safetensors.numpy import load_file
+        except ImportError:
+            raise ImportError("reading .safetensors needs `pip install safetensors`") from None
+        return unwrap_state_dict(load_file(path))
+    if ext in (".pt", ".pth", ".bin", ".ckpt"):
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(
+                f"reading {ext} files needs torch (an optional extra: pip install torch), or save "
+                f"the state_dict as .npz and convert that"
+            ) from None
+        return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    raise ConversionError(f"unknown checkpoint type {ext!r}: use .pt/.pth/.bin/.ckpt, .safetensors or .npz")
+
+
+def convert_official(checkpoint, output, config=None, prefix="", num_heads=None) -> str:
+    """Converts CKPT to an inference checkpoint at `output`; returns the directory."""
+    sd = read_checkpoint(checkpoint, prefix)
+    if config is not None:
+        model_config = config.model.to_dict()
+        diffusion_config = config.diffusion.to_dict()
+    else:
+        model_config = infer_model_config(sd, num_heads)
+        diffusion_config = Schedule().to_config()
+    model = model_from_config(model_config)
+    Schedule.from_config(diffusion_config)
+    params = convert_state_dict(sd, model)
+    return save_inference_checkpoint(output, params, model_config, diffusion_config)
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in FORMATS:
+        raise app.UsageError(f"usage: python -m fvdm_jax.convert {{{'|'.join(FORMATS)}}} --checkpoint CKPT --output DIR")
+    if not _CHECKPOINT.value or not _OUTPUT.value:
+        raise app.UsageError("--checkpoint and --output are required")
+    try:
+        out = convert_official(
+            _CHECKPOINT.value, _OUTPUT.value, _CONFIG.value, _PREFIX.value, _NUM_HEADS.value
+        )
+    except (ConversionError, FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote inference checkpoint {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,37 @@
+"""fvdm_jax: the Frame-Aware Video Diffusion Model in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fvdm_jax",
+    version="0.1.0",
+    description="FVDM (vectorized-timestep video diffusion) training and sampling in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fvdm_jax", "fvdm_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "chex>=0.1.92",
+        "einops>=0.8.2",
+        "numpy",
+        "absl-py",
+    ],
+    extras_require={
+        # The full training/data stack (pinned in requirements.txt).
+        "train": [
+            "ml_collections>=1.1.0",
+            "tensorflow-datasets>=4.9.10",
+            "importlib_resources",
+            "grain>=0.2.18",
+            "clu>=0.0.12",
+            "tensorflow-cpu",
+            "tensorboard",
+        ],
+        "torch": ["torch"],  # only to read official .pt checkpoints
+        "test": ["pytest"],
+    },
+)

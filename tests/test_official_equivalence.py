@@ -98,17 +98,16 @@ def test_model_class_conditional_and_cfg(ref, cfg):
     model = _model(cfg, conditional=True)
     params = convert_state_dict(_state_dict(ref, "cond_sd/"), model)
     x0, t, y = to_ours(ref["x0"]), ref["t"], ref["y"]
-    out = model.apply(params, x0, t, y)
+    out = jax.jit(model.apply)(params, x0, t, y)
     assert_matches("model_cond_out", out, to_ours(ref["model_cond_out"]))
 
     null = np.full_like(y, cfg["num_classes"])
-    out = model.apply(
-        params,
+    cfg_apply = jax.jit(lambda *a: model.apply(params, *a, method=DiT.forward_with_cfg))
+    out = cfg_apply(
         np.concatenate([x0, x0]),
         np.concatenate([t, t]),
         np.concatenate([y, null]),
         cfg["cfg_scale"],
-        method=DiT.forward_with_cfg,
     )
     assert_matches("model_cfg_out", out, to_ours(ref["model_cfg_out"]))
 

@@ -1,0 +1,160 @@
+"""Official FVDM / Latte checkpoint conversion and the inference checkpoint format."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from fvdm_jax.checkpoint import load_inference_checkpoint, save_inference_checkpoint
+from fvdm_jax.convert.__main__ import convert_official, read_checkpoint
+from fvdm_jax.convert.official import (
+    ConversionError,
+    convert_state_dict,
+    infer_model_config,
+    to_official_state_dict,
+    unwrap_state_dict,
+)
+from fvdm_jax.models.dit import DiT, model_from_config
+
+VECTORS = os.environ.get(
+    "FVDM_REFERENCE_VECTORS",
+    os.path.join(os.path.dirname(__file__), "data", "fvdm_official_tiny.npz"),
+)
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_frames=4)
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def random_params(model, seed=0, labels=False):
+    x = np.zeros((1, model.num_frames, model.input_size, model.input_size, model.in_channels), np.float32)
+    t = np.zeros((1, model.num_frames), np.int32)
+    y = np.zeros((1,), np.int32) if labels else None
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, t, y))
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_roundtrip_through_official_layout(num_classes):
+    model = DiT(**TINY, num_classes=num_classes)
+    params = random_params(model, labels=num_classes > 0)
+    sd = to_official_state_dict(params, model)
+    assert sd["blocks_spatial.1.attn.qkv.weight"].shape == (96, 32)
+    assert sd["x_embedder.proj.weight"].shape == (32, 4, 2, 2)
+    assert_trees_equal(convert_state_dict(sd, model), params)
+
+
+def test_latte_alternating_names_and_containers():
+    model = DiT(**TINY)
+    params = random_params(model, seed=1)
+    sd = to_official_state_dict(params, model)
+    latte = {}
+    for key, value in sd.items():
+        for kind, offset in (("blocks_spatial.", 0), ("blocks_temp.", 1)):
+            if key.startswith(kind):
+                i, rest = key[len(kind):].split(".", 1)
+                key = f"blocks.{2 * int(i) + offset}.{rest}"
+        latte[key] = value
+    assert_trees_equal(convert_state_dict(latte, model), params)
+    wrapped = {"ema": {f"module.{k}": v for k, v in sd.items()}, "opt": {"step": 3}}
+    assert_trees_equal(convert_state_dict(unwrap_state_dict(wrapped), model), params)
+    assert_trees_equal(convert_state_dict(unwrap_state_dict({"model": sd}), model), params)
+
+
+def test_conversion_errors_are_specific():
+    model = DiT(**TINY)
+    sd = to_official_state_dict(random_params(model), model)
+    with pytest.raises(ConversionError, match="model.depth"):
+        convert_state_dict(sd, DiT(**{**TINY, "depth": 6}))
+    with pytest.raises(ConversionError, match="no place in the model"):
+        convert_state_dict({**sd, "extra.weight": np.zeros(3)}, model)
+    with pytest.raises(ConversionError, match="pos_embed"):
+        convert_state_dict(sd, DiT(**{**TINY, "input_size": 4}))
+    with pytest.raises(ConversionError, match="shape mismatch|parameter names"):
+        convert_state_dict(sd, DiT(**{**TINY, "learn_sigma": False}))
+    with pytest.raises(ConversionError, match="no model state_dict"):
+        unwrap_state_dict({"optimizer": {"lr": 1}})
+    with pytest.raises(ConversionError, match="head count"):
+        infer_model_config(sd)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_checkpoint("/nonexistent/ckpt.pt")
+
+
+def test_infer_named_size_config():
+    hidden, depth, heads = 384, 12, 6
+    model = DiT(hidden_size=hidden, depth=depth, num_heads=heads, num_classes=101)
+    sd = {
+        "x_embedder.proj.weight": np.zeros((hidden, 4, 2, 2)),
+        "final_layer.linear.weight": np.zeros((32, hidden)),
+        "pos_embed": np.zeros((1, 256, hidden)),
+        "temp_embed": np.zeros((1, 16, hidden)),
+        "y_embedder.embedding_table.weight": np.zeros((102, hidden)),
+        **{f"blocks_spatial.{i}.attn.qkv.weight": np.zeros(1) for i in range(6)},
+        **{f"blocks_temp.{i}.attn.qkv.weight": np.zeros(1) for i in range(6)},
+    }
+    config = infer_model_config(sd)
+    assert config["size"] == "S" and config["num_classes"] == 101 and config["learn_sigma"]
+    built = model_from_config(config)
+    assert (built.hidden_size, built.depth, built.num_heads, built.input_size) == (
+        model.hidden_size, model.depth, model.num_heads, 32)
+
+
+def test_cli_converts_official_vectors_and_reproduces_their_output(tmp_path):
+    """End to end: npz state_dict -> CLI -> inference checkpoint -> same output as PyTorch."""
+    with np.load(VECTORS) as data:
+        ref = {k: data[k] for k in data.files}
+    cfg = json.loads(str(ref["config_json"]))
+    out_dir = tmp_path / "ckpt"
+    cmd = [
+        sys.executable, "-m", "fvdm_jax.convert", "official",
+        f"--checkpoint={VECTORS}", "--prefix=uncond_sd/", f"--output={out_dir}",
+        f"--num_heads={cfg['num_heads']}",
+    ]
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    params, config = load_inference_checkpoint(str(out_dir))
+    assert config["diffusion"]["num_timesteps"] == 1000
+    model = model_from_config(config["model"])
+    out = jax.jit(model.apply)(params, ref["x0"].transpose(0, 1, 3, 4, 2), ref["t"])
+    want = ref["model_uncond_out"].transpose(0, 1, 3, 4, 2)
+    assert np.max(np.abs(np.asarray(out) - want)) <= 1e-4 * max(1.0, np.abs(want).max())
+
+    # A second conversion into the same place refuses to overwrite.
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1 and "already exists" in result.stderr
+
+
+def test_inference_checkpoint_roundtrip_and_missing_dir(tmp_path):
+    model = DiT(**TINY)
+    params = random_params(model, seed=2)
+    save_inference_checkpoint(str(tmp_path / "c"), params, dict(size="custom", **TINY), {"num_timesteps": 50})
+    loaded, config = load_inference_checkpoint(str(tmp_path / "c"))
+    assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded), params)
+    assert config["model"]["hidden_size"] == 32 and config["diffusion"] == {"num_timesteps": 50}
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_inference_checkpoint(str(tmp_path / "missing"))
+
+
+def test_torch_checkpoint_with_ema_container(tmp_path):
+    torch = pytest.importorskip("torch")
+    model = DiT(**TINY)
+    params = random_params(model, seed=3)
+    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_official_state_dict(params, model).items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"ema": sd, "model": sd, "opt": {}}, path)
+    config_dir = tmp_path / "out"
+    convert_official(str(path), str(config_dir), num_heads=4)
+    loaded, config = load_inference_checkpoint(str(config_dir))
+    assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded), params)
+    assert config["model"]["size"] == "custom"

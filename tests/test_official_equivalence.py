@@ -95,6 +95,8 @@ def test_model_unconditional(ref, uncond):
 
 
 def test_model_class_conditional_and_cfg(ref, cfg):
+    if not any(k.startswith("cond_sd/") for k in ref):
+        pytest.skip("this vectors file has no class-conditional model")
     model = _model(cfg, conditional=True)
     params = convert_state_dict(_state_dict(ref, "cond_sd/"), model)
     x0, t, y = to_ours(ref["x0"]), ref["t"], ref["y"]
@@ -128,15 +130,18 @@ def test_training_loss_terms(ref, uncond, schedule, cfg):
         learn_sigma=cfg["learn_sigma"],
     )
     assert_matches("loss_mse", terms["mse"], ref["loss_mse"])
-    assert_matches("loss_vb", terms["vb"], ref["loss_vb"])
+    if cfg["learn_sigma"]:
+        assert_matches("loss_vb", terms["vb"], ref["loss_vb"])
     assert_matches("loss", terms["loss"], ref["loss"])
     assert_matches("loss_pred_xstart", terms["pred_xstart"], to_ours(ref["loss_pred_xstart"]))
 
 
-def test_p_mean_variance(ref, uncond, schedule):
+def test_p_mean_variance(ref, uncond, schedule, cfg):
     _, _, apply = uncond
     x_t = to_ours(ref["q_sample"])
-    out = p_mean_variance(schedule, apply(x_t, ref["t"]), x_t, ref["t"])
+    out = p_mean_variance(
+        schedule, apply(x_t, ref["t"]), x_t, ref["t"], learn_sigma=cfg["learn_sigma"]
+    )
     assert_matches("pmv_mean", out["mean"], to_ours(ref["pmv_mean"]))
     assert_matches("pmv_log_variance", out["log_variance"], to_ours(ref["pmv_log_variance"]))
     assert_matches("pmv_pred_xstart", out["pred_xstart"], to_ours(ref["pmv_pred_xstart"]))

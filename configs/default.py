@@ -41,4 +41,61 @@ def get_config() -> config_dict.ConfigDict:
     ptss.p = 0.2
     ptss.mode = "per_batch"  # per_batch (one coin per step, official) / per_sample
 
+    # Training data. Sources follow the data-source contract: dicts {'video': (F, H, W, C) float32,
+    # 'label': int32}. 'synthetic' is a deterministic, learnable generator (tests, smoke runs).
+    config.data = data = config_dict.ConfigDict()
+    data.source = "synthetic"
+    data.path = config_dict.placeholder(str)  # dataset location, for file-backed sources
+    data.dataset = config_dict.placeholder(str)  # ffs / sky / ucf101 / taichi
+    data.num_examples = 1024  # synthetic only
+    data.seed = 0  # shuffling seed (the global example order is a function of it)
+    data.num_workers = 0  # grain worker processes per host (0 = read in the main process)
+
+    # Optimization (the official recipe: AdamW 1e-4, no weight decay, EMA 0.9999, clip 0.1 late).
+    config.train = train = config_dict.ConfigDict()
+    train.num_steps = 250_000
+    train.batch_size = 4  # GLOBAL batch; must divide by the data x fsdp mesh size
+    train.seed = 3407  # model init, PTSS, noise and label dropout (per step: fold_in(seed, step))
+    train.lr = 1e-4
+    train.end_lr = 0.0  # warmup_cosine only
+    train.schedule = "constant"  # constant / warmup_cosine
+    train.warmup_steps = 0
+    train.weight_decay = 0.0
+    train.b1 = 0.9
+    train.b2 = 0.999
+    train.eps = 1e-8
+    train.grad_clip = 0.1  # global-norm clip (<= 0 disables)
+    train.grad_clip_start_step = 500_000  # official: clipping starts late (100k UCF/Sky, 500k FFS/Taichi)
+    train.ema_decay = 0.9999  # updated every step, initialized to the model
+    train.grad_accum_steps = 1  # micro-batches per step (same maths, less memory)
+    train.log_every_steps = 100
+    train.peak_flops_per_device = config_dict.placeholder(float)  # for MFU; None = by device kind
+
+    # Checkpoints under WORKDIR/checkpoints (orbax; the same path on every host).
+    config.checkpoint = checkpoint = config_dict.ConfigDict()
+    checkpoint.every_steps = 10_000
+    checkpoint.keep = 3  # most recent checkpoints kept
+    checkpoint.async_save = True
+    checkpoint.export_dir = ""  # --mode=export target ('' = WORKDIR/export/step_N)
+
+    # Device mesh. One size may be -1 (all remaining devices). The rules map the parameters'
+    # logical axes to mesh axes: FSDP shards the width over 'fsdp', heads/MLP go over 'tensor',
+    # and the batch over (data, fsdp).
+    config.mesh = mesh = config_dict.ConfigDict()
+    mesh.shape = (-1, 1, 1)
+    mesh.axes = ("data", "fsdp", "tensor")
+    mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv", None),
+        ("qkv", None),
+        ("embed_in", None),
+        ("freq", None),
+        ("patch", None),
+        ("vocab", None),
+        ("layers", None),
+    )
+
     return config

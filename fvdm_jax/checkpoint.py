@@ -77,3 +77,84 @@ def load_inference_checkpoint(directory: str, target=None):
         checkpointer.restore(params_dir)
     )
     return params, config
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints: state (params, EMA, optimizer) + data-iterator state + config JSON.
+
+CHECKPOINT_KEYS = ("every_steps", "keep", "async_save", "export_dir")
+
+
+class TrainCheckpointer:
+    """An orbax CheckpointManager over WORKDIR/checkpoints; the same path on every host."""
+
+    def __init__(self, workdir: str, checkpoint_config: Mapping[str, Any]):
+        import orbax.checkpoint as ocp
+
+        unknown = sorted(set(checkpoint_config.keys()) - set(CHECKPOINT_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown checkpoint config keys {unknown}; known keys: {list(CHECKPOINT_KEYS)}"
+            )
+        if int(checkpoint_config["every_steps"]) < 1 or int(checkpoint_config["keep"]) < 1:
+            raise ValueError("checkpoint.every_steps and checkpoint.keep must be at least 1")
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.every_steps = int(checkpoint_config["every_steps"])
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=self.every_steps,
+            max_to_keep=int(checkpoint_config["keep"]),
+            enable_async_checkpointing=bool(checkpoint_config["async_save"]),
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data_iter", "config")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iter, config: Mapping[str, Any], force=False) -> bool:
+        import grain
+        import orbax.checkpoint as ocp
+        from flax import serialization
+
+        items = dict(
+            state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+            config=ocp.args.JsonSave(_plain(config)),
+        )
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def saved_config(self, step: int) -> dict:
+        import orbax.checkpoint as ocp
+
+        restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return restored["config"]
+
+    def restore_state(self, step: int, abstract_state):
+        """Restores the state onto `abstract_state` (ShapeDtypeStructs carrying shardings), so a
+        checkpoint written on one mesh restores exactly onto another."""
+        import orbax.checkpoint as ocp
+        from flax import serialization
+
+        target = serialization.to_state_dict(abstract_state)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+        return serialization.from_state_dict(abstract_state, restored["state"])
+
+    def restore_data_iter(self, step: int, data_iter):
+        """Restores the grain iterator's position in place."""
+        import grain
+        import orbax.checkpoint as ocp
+
+        self.manager.restore(
+            step, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(data_iter))
+        )
+        return data_iter
+
+    def wait_until_finished(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()

@@ -1,0 +1,43 @@
+"""FVDM-XL/2 on FaceForensics: the official recipe.
+
+AdamW 1e-4 (no weight decay, constant), EMA 0.9999, global-norm clip 0.1 from step 500k, global
+batch 4, 16 frames of 32x32x4 SD-VAE latents (256x256 video), PTSS p=0.2 with one coin per step,
+250k steps. Other sizes are one override away: --config.model.size=B (or S, L).
+
+Scaling to bigger meshes: train.batch_size is the GLOBAL batch and must be divisible by the
+data x fsdp mesh size (the run fails at start otherwise). With N times the batch (e.g. 32 on 8
+GPUs), scale the learning rate by sqrt(N) (AdamW) as a starting point, e.g. 1e-4 * sqrt(8) ~ 2.8e-4,
+add a short warmup (train.warmup_steps ~ 1000), and divide train.num_steps by N for the same
+number of training videos. XL fits plain data parallelism on 80 GB GPUs; on smaller devices or
+for larger batches shard the weights with mesh.shape=(-1, 8, 1) (FSDP) and/or heads/MLP with a
+tensor axis, or trade compute for memory with model.remat=dots and train.grad_accum_steps.
+"""
+
+from fvdm_jax.config_utils import load_sibling
+
+default = load_sibling(__file__, "default")
+
+
+def get_config():
+    config = default.get_config()
+    config.model.size = "XL"
+    config.model.patch_size = 2
+    config.model.num_frames = 16
+    config.model.input_size = 32  # 256 / 8
+    config.model.in_channels = 4
+    config.model.num_classes = 0
+
+    config.data.source = "video_folder"
+    config.data.dataset = "ffs"
+
+    config.ptss.p = 0.2
+    config.ptss.mode = "per_batch"
+
+    config.train.num_steps = 250_000
+    config.train.batch_size = 4
+    config.train.lr = 1e-4
+    config.train.weight_decay = 0.0
+    config.train.ema_decay = 0.9999
+    config.train.grad_clip = 0.1
+    config.train.grad_clip_start_step = 500_000
+    return config

@@ -1,0 +1,295 @@
+"""Sources from config, and per-host training batches that are a pure function of the step.
+
+One global example stream: the source shuffled with `seed` (a fresh permutation each epoch) and
+repeated forever. Global batch `s` is stream elements [s*B, (s+1)*B); host `pi` of `pc` reads the
+contiguous slice [s*B + pi*B/pc, s*B + (pi+1)*B/pc). So:
+- concatenating the hosts' batches in process order gives the same global batch for ANY process
+  count (a run can move between slice shapes and still see the same data);
+- the batch at step `s` needs no saved state: resuming at a step is just `start_step=s`.
+
+All indexing is arithmetic on grain `MapDataset`s; elements are never read to skip them.
+
+Checkpointing (grain 0.2.18): the returned iterator is a `grain.DatasetIterator` whose state is
+`{'step': next global batch}`. Save and restore it with orbax through
+`grain.checkpoint.CheckpointSave(it)` / `grain.checkpoint.CheckpointRestore(it)` (defined in
+`grain._src.python.checkpoint.handler`, registered with orbax when orbax is importable), e.g.
+`ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it), ...)`. Each process writes
+`process_{i}-of-{n}.json`, so orbax restore expects the same process count; for any other count
+pass `start_step=restored_step` instead, which gives the same global batches.
+
+numpy only below the iterator: elements are built and batched inside grain worker processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from fvdm_jax.data.synthetic import SyntheticVideoSource
+
+SUPPORTED_SOURCES = ("synthetic",)
+
+
+def _required(config: Mapping[str, Any], key: str, section: str) -> Any:
+    """`config[key]`, or a one-line error naming the missing `section.key`."""
+    value = config.get(key)
+    if value is None:
+        raise ValueError(f"config {section}.{key} is not set; pass --config.{section}.{key}=...")
+    return value
+
+
+def make_source(data_config: Mapping[str, Any], model_config: Mapping[str, Any]):
+    """The random-access source named by `data_config['source']`.
+
+    Args:
+      data_config: the `data` config section (ml_collections ConfigDict or dict): source,
+        num_examples, seed.
+      model_config: the `model` section; the source makes videos of the model's input shape:
+        num_frames (F), input_size (H = W), in_channels (C), num_classes (0 = unconditional).
+
+    Returns:
+      A source with `__len__` and `__getitem__(i) -> {'video': float32 (F, H, W, C),
+      'label': int32 ()}`.
+    """
+    source = data_config.get("source")
+    if source not in SUPPORTED_SOURCES:
+        raise ValueError(
+            f"data.source={source!r} is not supported; use one of {', '.join(SUPPORTED_SOURCES)}."
+        )
+    # Only 'synthetic' exists so far; the check above keeps the dispatch honest.
+    return SyntheticVideoSource(
+        num_examples=_required(data_config, "num_examples", "data"),
+        num_frames=_required(model_config, "num_frames", "model"),
+        image_size=_required(model_config, "input_size", "model"),
+        channels=_required(model_config, "in_channels", "model"),
+        num_classes=model_config.get("num_classes") or 0,
+        seed=_required(data_config, "seed", "data"),
+    )
+
+
+class _HostSliceMapDataset(grain.MapDataset):
+    """Element j of this host = global stream element for (step, offset) = divmod(j, B_local).
+
+    Infinite: (first_step + j // B_local) * B + process_index * B_local + j % B_local, so batching
+    it by B_local gives this host's contiguous part of global batches first_step, first_step+1, ...
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(
+        self,
+        stream: grain.MapDataset,
+        *,
+        global_batch_size: int,
+        local_batch_size: int,
+        process_index: int,
+        first_step: int,
+    ):
+        super().__init__(stream)
+        self._global_batch_size = global_batch_size
+        self._local_batch_size = local_batch_size
+        self._process_index = process_index
+        self._first_step = first_step
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __str__(self) -> str:
+        return (
+            f"HostSliceMapDataset(global_batch_size={self._global_batch_size}, "
+            f"process_index={self._process_index}, first_step={self._first_step})"
+        )
+
+    def _stream_index(self, index: int) -> int:
+        step, offset = divmod(index, self._local_batch_size)
+        return (
+            (self._first_step + step) * self._global_batch_size
+            + self._process_index * self._local_batch_size
+            + offset
+        )
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._stream_index(index)]
+
+
+def _global_stream(source, *, seed: int, shuffle: bool) -> grain.MapDataset:
+    """The source, shuffled per epoch with `seed` when `shuffle`, repeated forever."""
+    stream = grain.MapDataset.source(source)
+    if shuffle:
+        # repeat() after shuffle(): each epoch gets its own permutation derived from `seed`.
+        stream = stream.seed(seed).shuffle()
+    return stream.repeat()
+
+
+def _host_batch_iter_dataset(
+    first_step: int,
+    *,
+    source,
+    global_batch_size: int,
+    local_batch_size: int,
+    seed: int,
+    process_index: int,
+    num_workers: int,
+    shuffle: bool,
+    read_threads: int,
+    prefetch_batches: int,
+) -> grain.IterDataset:
+    """This host's batches from global batch `first_step` on, as an IterDataset."""
+    host = _HostSliceMapDataset(
+        _global_stream(source, seed=seed, shuffle=shuffle),
+        global_batch_size=global_batch_size,
+        local_batch_size=local_batch_size,
+        process_index=process_index,
+        first_step=first_step,
+    )
+    # Batch before mp_prefetch: workers slice the dataset by whole batches, which keeps the
+    # output order (and so the batches) independent of num_workers.
+    # grain's default ReadOptions buffer 500 elements, and our elements are whole video batches.
+    read_options = grain.ReadOptions(
+        num_threads=read_threads, prefetch_buffer_size=prefetch_batches
+    )
+    dataset = host.batch(local_batch_size, drop_remainder=True).to_iter_dataset(read_options)
+    if num_workers > 0:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return dataset
+
+
+class HostBatchIterator(grain.DatasetIterator):
+    """Iterator over this host's batches; its checkpoint state is the next global step.
+
+    Yields `{'video': float32 (B_local, F, H, W, C), 'label': int32 (B_local,)}`. Because batches
+    are a pure function of the step, `set_state({'step': s})` rebuilds the grain pipeline at `s`
+    (whatever `start_step` this iterator was built with) instead of replaying worker states.
+    The state holds only the step, so restoring it under another seed or global batch size
+    gives that configuration's batch at that step.
+    """
+
+    def __init__(self, build: Callable[[int], grain.IterDataset], start_step: int):
+        super().__init__()
+        self._build = build
+        self._step = start_step
+        self._iterator = iter(build(start_step))
+
+    @property
+    def step(self) -> int:
+        """The global batch number the next `next()` returns."""
+        return self._step
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        batch = next(self._iterator)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"step": self._step}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._assert_not_closed()
+        step = int(state["step"])
+        if step < 0:
+            raise ValueError(f"iterator state step={step} must be >= 0.")
+        if step == self._step:
+            return
+        # Stop the old pipeline's worker processes before starting new ones.
+        self._iterator.close()
+        self._iterator = iter(self._build(step))
+        self._step = step
+
+    def start_prefetch(self) -> None:
+        self._assert_not_closed()
+        self._iterator.start_prefetch()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # __del__ may run on a half-built object if __init__ raised.
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None:
+            iterator.close()
+            # Drop it now: grain's iterators close again in __del__, which fails noisily if that
+            # only happens at interpreter shutdown.
+            self._iterator = None
+
+    def __str__(self) -> str:
+        return f"HostBatchIterator(step={self._step})"
+
+
+def host_batches(
+    source,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int,
+    process_index: int,
+    process_count: int,
+    num_workers: int = 0,
+    shuffle: bool = True,
+    read_threads: int = 4,
+    prefetch_batches: int = 4,
+) -> HostBatchIterator:
+    """This host's part of global batches start_step, start_step + 1, ... forever.
+
+    Args:
+      source: random-access source (`len`, `[i]`) of `{'video': (F, H, W, C), 'label': ()}`.
+      global_batch_size: B, examples per step over all hosts; divisible by process_count.
+      seed: shuffle seed of the global example stream (the same on every host).
+      start_step: the first global batch to yield (e.g. the restored train step).
+      process_index, process_count: this host's `jax.process_index()` / `jax.process_count()`.
+      num_workers: grain worker processes building batches; 0 builds them in this process.
+      shuffle: False streams the source in order (epoch after epoch).
+      read_threads: threads building batches in parallel in each process (0 = none).
+      prefetch_batches: batches buffered ahead in each process (the main one, or each worker
+        when num_workers > 0); bounds host memory at about that many batches per process.
+
+    Returns:
+      A grain `DatasetIterator` of `{'video': float32 (B/pc, F, H, W, C), 'label': int32
+      (B/pc,)}`: rows [pi*B/pc, (pi+1)*B/pc) of each global batch. Its state ({'step': s}) works
+      with `grain.checkpoint.CheckpointSave` / `CheckpointRestore`.
+    """
+    if global_batch_size <= 0 or process_count <= 0:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} and process_count={process_count} must be "
+            "positive."
+        )
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by "
+            f"process_count={process_count}; use a multiple of {process_count}."
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
+    if start_step < 0:
+        raise ValueError(f"start_step={start_step} must be >= 0.")
+    if min(num_workers, read_threads, prefetch_batches) < 0:
+        raise ValueError(
+            f"num_workers={num_workers}, read_threads={read_threads} and "
+            f"prefetch_batches={prefetch_batches} must be >= 0."
+        )
+    if num_workers > 0 and not flags.FLAGS.is_parsed():
+        # grain's workers read absl flags; outside an absl app (tests, notebooks) nothing parsed
+        # them, so accept their defaults. Inside main.py this is a no-op.
+        flags.FLAGS.mark_as_parsed()
+    build = functools.partial(
+        _host_batch_iter_dataset,
+        source=source,
+        global_batch_size=global_batch_size,
+        local_batch_size=global_batch_size // process_count,
+        seed=seed,
+        process_index=process_index,
+        num_workers=num_workers,
+        shuffle=shuffle,
+        read_threads=read_threads,
+        prefetch_batches=prefetch_batches,
+    )
+    return HostBatchIterator(build, start_step)
+

@@ -1,0 +1,95 @@
+"""fvdm_jax entry point.
+
+    python -m fvdm_jax.main --config=configs/ffs_xl.py --workdir=DIR [--mode=train|export]
+                            [--config.section.key=value ...]
+
+Multi-process runs (TPU pods, SLURM, several local processes) initialize jax.distributed here,
+before any other JAX call: automatically under SLURM with more than one task or on a multi-host TPU
+slice, when FVDM_DISTRIBUTED=1, or from --coordinator_address/--num_processes/--process_id.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, exports).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "export"], "What to run.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a manual launch.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual launch.")
+
+
+def _multi_process_environment() -> bool:
+    if os.environ.get("FVDM_DISTRIBUTED") == "1":
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        return True
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize() for multi-process launches only (never in data workers,
+    which do not run this module's main)."""
+    import jax
+
+    if _COORDINATOR.value is not None:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    elif _multi_process_environment():
+        jax.distributed.initialize()
+
+
+def _train(config, workdir):
+    from fvdm_jax.train import train
+
+    train(config, workdir)
+
+
+def _export(config, workdir):
+    from fvdm_jax.train import export
+
+    print(export(config, workdir))
+
+
+# --mode dispatch; sampling, evaluation and encoding jobs add their entries here.
+MODES = {"train": _train, "export": _export}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required")
+    maybe_initialize_distributed()
+    import jax
+
+    from fvdm_jax.train import NonFiniteError
+
+    logging.info(
+        "process %d/%d, %d devices (%s)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
+    try:
+        MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+        print(f"fvdm_jax: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,320 @@
+"""The training loop: sharded state, resumable orbax checkpoints, metrics, preemption, export.
+
+The loop syncs with the devices only at log and checkpoint steps: the train step runs ahead
+asynchronously, and the first non-finite step is recorded on device and checked at those syncs,
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fvdm_jax import sharding as shd
+from fvdm_jax.checkpoint import TrainCheckpointer, save_inference_checkpoint
+from fvdm_jax.diffusion.schedule import Schedule
+from fvdm_jax.models.dit import DiT, model_from_config
+from fvdm_jax.train_step import (
+    JittedTrainStep,
+    TrainState,
+    init_state,
+    make_optimizer,
+    validate_train_config,
+)
+
+KNOWN_SECTIONS = ("model", "diffusion", "ptss", "data", "train", "checkpoint", "mesh")
+MESH_KEYS = ("shape", "axes", "rules")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf loss, gradient or update."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    step: int  # the last completed step
+    preempted: bool  # stopped early by SIGTERM / a preemption notice (checkpoint saved)
+    compilations: int  # how many times the train step was traced (1 for a healthy run)
+    first_step_sec: float | None  # wall time of the run's first step: mostly compilation
+
+
+def validate_config(config) -> None:
+    """Checks every section this job reads, failing with one line that names the bad key/value."""
+    unknown = sorted(set(config.keys()) - set(KNOWN_SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown config sections {unknown}; known: {list(KNOWN_SECTIONS)}")
+    model_from_config(config.model)
+    Schedule.from_config(config.diffusion)
+    validate_train_config(config.train, config.ptss)
+    unknown = sorted(set(config.mesh.keys()) - set(MESH_KEYS))
+    if unknown:
+        raise ValueError(f"unknown mesh config keys {unknown}; known keys: {list(MESH_KEYS)}")
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything derived from the config before any array is allocated."""
+
+    model: DiT
+    schedule: Schedule
+    optimizer: Any
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    state_shardings: Any
+    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+    batch_shardings: dict
+
+
+def build_setup(config, devices=None) -> Setup:
+    validate_config(config)
+    model = model_from_config(config.model)
+    schedule = Schedule.from_config(config.diffusion)
+    optimizer = make_optimizer(config.train)
+    mesh = shd.make_mesh(config.mesh, devices)
+    rules = shd.rules_from_config(config.mesh)
+    batch_size = int(config.train.batch_size)
+    divisor = shd.batch_divisor(mesh, rules)
+    micro = batch_size // int(config.train.grad_accum_steps)
+    if micro % divisor or batch_size % jax.process_count():
+        raise ValueError(
+            f"train.batch_size={batch_size} (micro-batch {micro}) must be divisible by the "
+            f"data x fsdp mesh size {divisor} and by the {jax.process_count()} processes; change "
+            f"train.batch_size or config.mesh.shape"
+        )
+    rng = jax.random.key(int(config.train.seed))
+    boxed = jax.eval_shape(lambda r: init_state(r, model, optimizer, boxed=True), rng)
+    state_shardings = shd.logical_shardings(boxed, mesh, rules)
+    unboxed = jax.eval_shape(lambda r: init_state(r, model, optimizer, boxed=False), rng)
+    abstract_state = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, state_shardings
+    )
+    batch_shardings = {
+        "video": shd.batch_sharding(mesh, rules, 5),
+        "label": shd.batch_sharding(mesh, rules, 1),
+    }
+    return Setup(model, schedule, optimizer, mesh, rules, state_shardings, abstract_state, batch_shardings)
+
+
+def create_state(setup: Setup, seed: int) -> TrainState:
+    """Initializes the state directly sharded (never materialized on one device first)."""
+    init = jax.jit(
+        lambda r: init_state(r, setup.model, setup.optimizer, boxed=False),
+        out_shardings=setup.state_shardings,
+    )
+    return init(jax.random.key(seed))
+
+
+def _mean_metrics(pending) -> dict:
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending)
+    return {k: float(v) for k, v in jax.device_get(stacked).items()}
+
+
+class _Preemption:
+    """SIGTERM sets a flag that the loop checks at step boundaries (no device sync)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(state: TrainState, last_saved: int | None):
+    bad = int(jax.device_get(state.first_nonfinite_step))
+    if bad >= 0:
+        raise NonFiniteError(
+            f"non-finite loss, gradient or update at step {bad}; the last checkpoint is step "
+            f"{last_saved} and nothing later was saved; lower train.lr or set train.grad_clip"
+        )
+
+
+def train(
+    config,
+    workdir: str,
+    *,
+    devices=None,
+    step_hook: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Trains config.train.num_steps steps, resuming from WORKDIR/checkpoints.
+
+    `step_hook(step)` is called on the host after each dispatched step (tests use it).
+    """
+    from fvdm_jax.data import host_batches, make_source
+    from fvdm_jax.metrics import MetricsLogger
+
+    setup = build_setup(config, devices)
+    train_cfg = config.train
+    num_steps, batch_size = int(train_cfg.num_steps), int(train_cfg.batch_size)
+    source = make_source(config.data, config.model)
+    ckpt = TrainCheckpointer(workdir, config.checkpoint)
+
+    latest = ckpt.latest_step()
+    if latest is None:
+        state = create_state(setup, int(train_cfg.seed))
+        start = 0
+    else:
+        state = ckpt.restore_state(latest, setup.abstract_state)
+        start = int(jax.device_get(state.step))
+        logging.info("resumed from %s at step %d", ckpt.directory, start)
+
+    data_iter = host_batches(
+        source,
+        global_batch_size=batch_size,
+        seed=int(config.data.seed),
+        start_step=start,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_workers=int(config.data.num_workers),
+    )
+    if latest is not None:
+        saved = ckpt.saved_config(latest).get("runtime", {})
+        if saved.get("process_count") == jax.process_count():
+            ckpt.restore_data_iter(latest, data_iter)
+        else:
+            # Another topology: the iterator restarts deterministically at the step instead.
+            logging.info("data iterator restarted at step %d (process count changed)", start)
+
+    step_fn = JittedTrainStep(
+        setup.model,
+        setup.schedule,
+        setup.optimizer,
+        train_cfg,
+        config.ptss,
+        setup.state_shardings,
+        setup.batch_shardings,
+    )
+    logger = MetricsLogger(workdir, num_steps, int(train_cfg.log_every_steps))
+    record = _config_record(config, setup)
+    flops_per_video = _train_flops_per_video(config)
+    peak = _peak_flops(train_cfg)
+    last_saved = latest
+    pending = []
+    first_step_sec = None
+    stop = False
+    done = start
+    with _Preemption() as preemption:
+        for step in range(start, num_steps):
+            batch = shd.global_batch(next(data_iter), setup.mesh, setup.rules)
+            if step == start:
+                started = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            if step == start:
+                # One sync after the first step: its time is mostly compilation, and the
+                # throughput figures start cleanly after it.
+                jax.block_until_ready(metrics)
+                first_step_sec = time.perf_counter() - started
+                logger.rates(step + 1)
+            pending.append(metrics)
+            done = step + 1
+            logger.tick(done)
+            if step_hook is not None:
+                step_hook(done)
+            stop = preemption.requested or (
+                jax.process_count() > 1 and ckpt.manager.reached_preemption(done)
+            )
+            final = done == num_steps or stop
+            if done % int(train_cfg.log_every_steps) == 0 or final:
+                _check_finite(state, last_saved)
+                scalars = _mean_metrics(pending)
+                pending = []
+                scalars.update(logger.rates(done))
+                if first_step_sec is not None and done - start <= int(train_cfg.log_every_steps):
+                    scalars["first_step_sec"] = first_step_sec
+                if "steps_per_sec" in scalars:
+                    scalars["videos_per_sec"] = scalars["steps_per_sec"] * batch_size
+                    if flops_per_video and peak:
+                        achieved = scalars["videos_per_sec"] * flops_per_video
+                        scalars["mfu"] = achieved / (peak * setup.mesh.size)
+                logger.write(done, scalars)
+            if done % ckpt.every_steps == 0 or final:
+                _check_finite(state, last_saved)
+                if ckpt.save(done, state, data_iter, record, force=final):
+                    last_saved = done
+            if stop:
+                logging.warning("stopped at step %d after preemption; checkpoint saved", done)
+                break
+    ckpt.wait_until_finished()
+    ckpt.close()
+    logger.close()
+    logging.info("train step compiled %d time(s)", step_fn.traces)
+    return TrainResult(state, done, stop, step_fn.traces, first_step_sec)
+
+
+def _config_record(config, setup: Setup) -> dict:
+    record = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    record["runtime"] = {
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "mesh_shape": dict(setup.mesh.shape),
+    }
+    return record
+
+
+def _train_flops_per_video(config) -> float | None:
+    try:
+        from fvdm_jax.flops import model_flops_from_config
+    except ImportError:
+        return None
+    return 3.0 * model_flops_from_config(config.model)
+
+
+# bf16 dense matmul peaks per device, for the MFU estimate when train.peak_flops_per_device is unset.
+PEAK_FLOPS_BY_DEVICE_KIND = {
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def _peak_flops(train_cfg) -> float | None:
+    if train_cfg.get("peak_flops_per_device"):
+        return float(train_cfg["peak_flops_per_device"])
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS_BY_DEVICE_KIND.items() if kind.startswith(k)), None)
+
+
+def export(config, workdir: str, output: str | None = None, devices=None) -> str:
+    """Writes the EMA parameters of the latest checkpoint as an inference checkpoint."""
+    setup = build_setup(config, devices)
+    ckpt = TrainCheckpointer(workdir, config.checkpoint)
+    latest = ckpt.latest_step()
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint under {ckpt.directory} to export; train first")
+    state = ckpt.restore_state(latest, setup.abstract_state)
+    ckpt.close()
+    output = output or config.checkpoint.get("export_dir") or os.path.join(
+        workdir, "export", f"step_{latest}"
+    )
+    ema = jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), state.ema_params)
+    if jax.process_index() == 0:
+        save_inference_checkpoint(output, ema, config.model, config.diffusion)
+    logging.info("exported EMA parameters of step %d to %s", latest, output)
+    return output
+

@@ -1,0 +1,248 @@
+"""The train state, the optimizer, and the pure jitted FVDM train step (knows nothing of files).
+
+train_step(state, batch) -> (state, metrics): PTSS frame timesteps, noise, label dropout, the
+hybrid loss, gradients (optionally accumulated over micro-batches), global-norm clipping from a
+configured step (the official behaviour), AdamW, EMA, and an on-device record of the first step
+whose loss or gradient was not finite.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fvdm_jax.diffusion.losses import training_losses
+from fvdm_jax.diffusion.ptss import PTSS_MODES, sample_frame_timesteps
+from fvdm_jax.diffusion.schedule import Schedule
+from fvdm_jax.models.dit import DiT, drop_labels
+
+TRAIN_KEYS = (
+    "num_steps",
+    "batch_size",
+    "seed",
+    "lr",
+    "end_lr",
+    "weight_decay",
+    "b1",
+    "b2",
+    "eps",
+    "schedule",
+    "warmup_steps",
+    "grad_clip",
+    "grad_clip_start_step",
+    "ema_decay",
+    "grad_accum_steps",
+    "log_every_steps",
+    "peak_flops_per_device",
+)
+LR_SCHEDULES = ("constant", "warmup_cosine")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # () int32: completed optimizer steps
+    params: Any  # {'params': ...}
+    ema_params: Any  # same tree, float32 EMA of params
+    opt_state: Any
+    first_nonfinite_step: jax.Array  # () int32: first step with a non-finite loss/grad, else -1
+
+
+def validate_train_config(train: Mapping[str, Any], ptss: Mapping[str, Any]):
+    unknown = sorted(set(train.keys()) - set(TRAIN_KEYS))
+    if unknown:
+        raise ValueError(f"unknown train config keys {unknown}; known keys: {list(TRAIN_KEYS)}")
+    if train["schedule"] not in LR_SCHEDULES:
+        raise ValueError(f"train.schedule={train['schedule']!r} is not one of {LR_SCHEDULES}")
+    for key in ("num_steps", "batch_size", "grad_accum_steps", "log_every_steps"):
+        if int(train[key]) < 1:
+            raise ValueError(f"train.{key}={train[key]} must be at least 1")
+    if train["batch_size"] % train["grad_accum_steps"]:
+        raise ValueError(
+            f"train.batch_size={train['batch_size']} is not divisible by "
+            f"train.grad_accum_steps={train['grad_accum_steps']}"
+        )
+    if not 0.0 <= float(train["ema_decay"]) <= 1.0:
+        raise ValueError(f"train.ema_decay={train['ema_decay']} must lie in [0, 1]")
+    unknown = sorted(set(ptss.keys()) - {"p", "mode"})
+    if unknown:
+        raise ValueError(f"unknown ptss config keys {unknown}; known keys: ['mode', 'p']")
+    if ptss["mode"] not in PTSS_MODES:
+        raise ValueError(f"ptss.mode={ptss['mode']!r} is not one of {PTSS_MODES}")
+    if not 0.0 <= float(ptss["p"]) <= 1.0:
+        raise ValueError(f"ptss.p={ptss['p']} must lie in [0, 1]")
+
+
+def learning_rate_schedule(train: Mapping[str, Any]) -> optax.Schedule:
+    """'constant' (after an optional linear warmup) or 'warmup_cosine' down to train.end_lr."""
+    lr, warmup = float(train["lr"]), int(train["warmup_steps"])
+    if train["schedule"] == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, warmup, max(int(train["num_steps"]), warmup + 1), float(train["end_lr"])
+        )
+    if warmup > 0:
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+        )
+    return optax.constant_schedule(lr)
+
+
+def make_optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:
+    """AdamW as torch.optim.AdamW (eps added to sqrt of the bias-corrected second moment)."""
+    return optax.adamw(
+        learning_rate_schedule(train),
+        b1=float(train["b1"]),
+        b2=float(train["b2"]),
+        eps=float(train["eps"]),
+        weight_decay=float(train["weight_decay"]),
+    )
+
+
+def init_state(rng, model: DiT, optimizer, *, boxed: bool) -> TrainState:
+    """A fresh state; `boxed` keeps the logical-axis boxes (for computing shardings abstractly)."""
+    f, s, c = model.num_frames, model.input_size, model.in_channels
+    x = jnp.zeros((1, f, s, s, c), jnp.float32)
+    t = jnp.zeros((1, f), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    params = model.init(rng, x, t, y)
+    if not boxed:
+        params = nn.unbox(params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params),
+        opt_state=optimizer.init(params),
+        first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def _split_micro(x, num_micro):
+    """(B, ...) -> (num_micro, B / num_micro, ...)."""
+    return x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:])
+
+
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    *,
+    model: DiT,
+    schedule: Schedule,
+    optimizer: optax.GradientTransformation,
+    train: Mapping[str, Any],
+    ptss: Mapping[str, Any],
+):
+    """One optimizer step on a global batch {'video': (B, F, H, W, C), 'label': (B,)}."""
+    rng = jax.random.fold_in(jax.random.key(int(train["seed"])), state.step)
+    key_t, key_noise, key_label = jax.random.split(rng, 3)
+    video = batch["video"].astype(jnp.float32)
+    b, f = video.shape[:2]
+    tau = sample_frame_timesteps(key_t, b, f, schedule.num_timesteps, ptss["p"], ptss["mode"])
+    noise = jax.random.normal(key_noise, video.shape, jnp.float32)
+    labels = None
+    if model.num_classes > 0:
+        labels = batch["label"].astype(jnp.int32)
+        if model.class_dropout_prob > 0:
+            labels = drop_labels(key_label, labels, model.class_dropout_prob, model.num_classes)
+
+    def loss_fn(params, video, tau, noise, labels):
+        def model_fn(x_t, t):
+            return model.apply(params, x_t, t, labels)
+
+        terms = training_losses(
+            schedule, model_fn, video, tau, noise, learn_sigma=model.learn_sigma
+        )
+        means = {k: jnp.mean(terms[k]) for k in ("loss", "mse", "vb") if k in terms}
+        return means["loss"], means
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    num_micro = int(train["grad_accum_steps"])
+    if num_micro == 1:
+        (_, aux), grads = grad_fn(state.params, video, tau, noise, labels)
+    else:
+        # Micro-batches are slices of the global batch (PTSS and noise drawn for all of it), so
+        # accumulation changes memory, not the maths: the mean of micro-batch means.
+        micro = tuple(
+            _split_micro(a, num_micro) if a is not None else None
+            for a in (video, tau, noise, labels)
+        )
+
+        def accumulate(carry, xs):
+            (_, aux), grads = grad_fn(state.params, *xs)
+            return jax.tree_util.tree_map(jnp.add, carry, (grads, aux)), None
+
+        keys = ("loss", "mse", "vb") if model.learn_sigma else ("loss", "mse")
+        zeros = (
+            jax.tree_util.tree_map(jnp.zeros_like, state.params),
+            {k: jnp.zeros((), jnp.float32) for k in keys},
+        )
+        (grads, aux), _ = jax.lax.scan(accumulate, zeros, micro)
+        grads, aux = jax.tree_util.tree_map(lambda a: a / num_micro, (grads, aux))
+
+    grad_norm = optax.tree.norm(grads)
+    clip = float(train["grad_clip"])
+    if clip > 0:
+        # torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when the norm exceeds it,
+        # only from grad_clip_start_step on (the official recipe starts clipping late).
+        active = state.step >= int(train["grad_clip_start_step"])
+        scale = jnp.where(active, jnp.minimum(1.0, clip / (grad_norm + 1e-6)), 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = float(train["ema_decay"])
+    ema = jax.tree_util.tree_map(
+        lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32), state.ema_params, params
+    )
+    # The update norm catches blow-ups the loss does not show yet (e.g. a NaN learning rate).
+    finite = (
+        jnp.isfinite(aux["loss"])
+        & jnp.isfinite(grad_norm)
+        & jnp.isfinite(optax.tree.norm(updates))
+    )
+    first_bad = jnp.where(
+        (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step
+    )
+    new_state = TrainState(
+        step=state.step + 1,
+        params=params,
+        ema_params=ema,
+        opt_state=opt_state,
+        first_nonfinite_step=first_bad,
+    )
+    metrics = dict(aux, grad_norm=grad_norm, lr=learning_rate_schedule(train)(state.step))
+    return new_state, metrics
+
+
+class JittedTrainStep:
+    """The jitted, sharded, state-donating train step; `traces` counts its compilations."""
+
+    def __init__(self, model, schedule, optimizer, train, ptss, state_shardings, batch_shardings):
+        self.traces = 0
+
+        def step(state, batch):
+            self.traces += 1  # runs only while tracing
+            return train_step(
+                state,
+                batch,
+                model=model,
+                schedule=schedule,
+                optimizer=optimizer,
+                train=train,
+                ptss=ptss,
+            )
+
+        self._jitted = jax.jit(
+            step,
+            in_shardings=(state_shardings, batch_shardings),
+            out_shardings=(state_shardings, None),
+            donate_argnums=0,
+        )
+
+    def __call__(self, state: TrainState, batch):
+        return self._jitted(state, batch)
+
+    def lower(self, state, batch):
+        return self._jitted.lower(state, batch)

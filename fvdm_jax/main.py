@@ -91,5 +91,24 @@ def main(argv):
         sys.exit(1)
 
 
+def _one_line(error: BaseException) -> str:
+    text = str(error.args[0]) if error.args else str(error)
+    text = text.replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1].strip()
+    if isinstance(error, (AttributeError, KeyError)):
+        text = f"unknown config key {text}"
+    return text
+
+
+def parse_flags(argv):
+    """absl flag parsing with config errors reduced to one line (unknown keys, bad values)."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"fvdm_jax: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

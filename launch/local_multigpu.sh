@@ -3,8 +3,8 @@
 #
 # Usage:
 #   launch/local_multigpu.sh CONFIG WORKDIR [more fvdm_jax.main flags...]
-#   launch/local_multigpu.sh configs/default.py /data/runs/ffs_xl --config.train.batch_size=8
-#   NUM_PROCESSES=4 launch/local_multigpu.sh configs/default.py /data/runs/ffs_xl
+#   launch/local_multigpu.sh configs/ffs_xl.py /data/runs/ffs_xl --config.train.batch_size=8
+#   NUM_PROCESSES=4 launch/local_multigpu.sh configs/ffs_xl.py /data/runs/ffs_xl
 #
 # Default (NUM_PROCESSES unset or 1): ONE process drives every visible GPU. This is the simplest
 # and usual way in JAX: the mesh spans all local devices and no distributed setup is needed.

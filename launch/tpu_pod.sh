@@ -20,7 +20,7 @@
 #                            host: a gs:// bucket (orbax and the metric writers read/write GCS
 #                            directly) or a filesystem mounted on all hosts. A local path would
 #                            give each host its own, inconsistent checkpoint directory.
-#   CONFIG         configs/default.py   config file, relative to the repository root (a
+#   CONFIG         configs/ffs_xl.py   config file, relative to the repository root (a
 #                            ':variant' suffix is passed through)
 #   PROJECT        (gcloud default)     Google Cloud project of the TPU
 #   REMOTE_DIR     fvdm_jax             where the repository lands, relative to each host's home
@@ -46,7 +46,7 @@ set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
 : "${ZONE:?set ZONE to the TPU zone}"
 : "${WORKDIR:?set WORKDIR to a path shared by all hosts, e.g. gs://bucket/run}"
-CONFIG="${CONFIG:-configs/default.py}"
+CONFIG="${CONFIG:-configs/ffs_xl.py}"
 PROJECT="${PROJECT:-}"
 REMOTE_DIR="${REMOTE_DIR:-fvdm_jax}"
 REMOTE_PYTHON="${REMOTE_PYTHON:-python3}"

@@ -1,0 +1,114 @@
+"""The `python -m fvdm_jax.main` entry point, run as users run it: training, export, config
+errors, and a 2-process localhost run (CPU, gloo) that must match the single-process run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fvdm_jax.checkpoint import load_inference_checkpoint
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def run_main(*args, devices=8, timeout=600, extra_env=None):
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+        "--xla_backend_optimization_level=0",
+        **(extra_env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "fvdm_jax.main", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_then_export_from_the_command_line(tmp_path):
+    workdir = str(tmp_path / "run")
+    code, _, err = finish(run_main(
+        f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=4",
+        "--config.train.log_every_steps=2", "--config.checkpoint.every_steps=2",
+    ))
+    assert code == 0, err[-3000:]
+    records = losses(workdir)
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(np.isfinite(r["loss"]) and "mse" in r and "vb" in r and "grad_norm" in r for r in records)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+    code, out, err = finish(run_main(f"--config={TINY}", f"--workdir={workdir}", "--mode=export"))
+    assert code == 0, err[-3000:]
+    exported = out.strip().splitlines()[-1]
+    params, config = load_inference_checkpoint(exported)
+    assert config["model"]["hidden_size"] == 32 and "params" in params
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.train.batch_sze=3", "unknown config key 'batch_sze'"),
+        ("--config.train.batch_size=abc", "invalid literal"),
+        ("--mode=dance", "--mode=dance"),
+    ],
+)
+def test_bad_flags_fail_with_one_line(tmp_path, flag, message):
+    code, _, err = finish(run_main(f"--config={TINY}", f"--workdir={tmp_path}", flag))
+    lines = [line for line in err.strip().splitlines() if line]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+def test_bad_config_value_fails_with_one_line(tmp_path):
+    code, _, err = finish(run_main(f"--config={TINY}", f"--workdir={tmp_path}", "--config.train.batch_size=12"))
+    errors = [line for line in err.splitlines() if line.startswith("fvdm_jax: error")]
+    assert code == 1 and len(errors) == 1 and "train.batch_size=12" in errors[0], err[-2000:]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    common = [f"--config={TINY}", "--config.train.num_steps=3", "--config.train.log_every_steps=1"]
+    single = str(tmp_path / "single")
+    reference = run_main(*common, f"--workdir={single}", devices=8)
+    port = _free_port()
+    shared = str(tmp_path / "multi")
+    procs = [
+        run_main(
+            *common, f"--workdir={shared}", f"--coordinator_address=localhost:{port}",
+            "--num_processes=2", f"--process_id={i}", devices=4,
+        )
+        for i in range(2)
+    ]
+    results = [finish(p) for p in procs] + [finish(reference)]
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    assert "process 1/2" in results[1][2] or "process 1/2" in results[1][1]
+    multi = [r["loss"] for r in losses(shared)]
+    ref = [r["loss"] for r in losses(single)]
+    assert len(multi) == len(ref) == 3
+    np.testing.assert_allclose(multi, ref, rtol=1e-5)

@@ -209,6 +209,17 @@ def train(
     record = _config_record(config, setup)
     flops_per_video = _train_flops_per_video(config)
     peak = _peak_flops(train_cfg)
+    num_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(setup.abstract_state.params))
+    logging.info(
+        "model: %d trainable parameters; %.4g TFLOP per training step (%d videos, analytic); "
+        "mesh %s; steps %d -> %d",
+        num_params,
+        (flops_per_video or 0.0) * batch_size / 1e12,
+        batch_size,
+        dict(setup.mesh.shape),
+        start,
+        num_steps,
+    )
     last_saved = latest
     pending = []
     first_step_sec = None

@@ -50,11 +50,14 @@ def test_train_then_export_from_the_command_line(tmp_path):
     code, _, err = finish(run_main(
         f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=4",
         "--config.train.log_every_steps=2", "--config.checkpoint.every_steps=2",
+        "--config.train.peak_flops_per_device=1e11",
     ))
     assert code == 0, err[-3000:]
     records = losses(workdir)
     assert [r["step"] for r in records] == [2, 4]
     assert all(np.isfinite(r["loss"]) and "mse" in r and "vb" in r and "grad_norm" in r for r in records)
+    assert "first_step_sec" in records[0] and 0 < records[-1]["mfu"] < 1
+    assert records[-1]["videos_per_sec"] == pytest.approx(8 * records[-1]["steps_per_sec"])
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
 

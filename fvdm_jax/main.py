@@ -1,6 +1,6 @@
 """fvdm_jax entry point.
 
-    python -m fvdm_jax.main --config=configs/ffs_xl.py --workdir=DIR [--mode=train|export]
+    python -m fvdm_jax.main --config=configs/ffs_xl.py --workdir=DIR [--mode=train|export|encode]
                             [--config.section.key=value ...]
 
 Multi-process runs (TPU pods, SLURM, several local processes) initialize jax.distributed here,
@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, exports).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "export"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "export", "encode"], "What to run.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a manual launch.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual launch.")
@@ -63,8 +63,14 @@ def _export(config, workdir):
     print(export(config, workdir))
 
 
-# --mode dispatch; sampling, evaluation and encoding jobs add their entries here.
-MODES = {"train": _train, "export": _export}
+def _encode(config, workdir):
+    from fvdm_jax.encode import encode_dataset
+
+    print(encode_dataset(config, workdir))
+
+
+# --mode dispatch; sampling and evaluation jobs add their entries here.
+MODES = {"train": _train, "export": _export, "encode": _encode}
 
 
 def main(argv):

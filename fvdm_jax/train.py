@@ -30,7 +30,7 @@ from fvdm_jax.train_step import (
     validate_train_config,
 )
 
-KNOWN_SECTIONS = ("model", "diffusion", "ptss", "data", "train", "checkpoint", "mesh")
+KNOWN_SECTIONS = ("model", "diffusion", "ptss", "data", "vae", "train", "checkpoint", "mesh")
 MESH_KEYS = ("shape", "axes", "rules")
 
 
@@ -167,7 +167,7 @@ def train(
     setup = build_setup(config, devices)
     train_cfg = config.train
     num_steps, batch_size = int(train_cfg.num_steps), int(train_cfg.batch_size)
-    source = make_source(config.data, config.model)
+    source = make_source(config.data, config.model, config.get("vae"), workdir=workdir)
     ckpt = TrainCheckpointer(workdir, config.checkpoint)
 
     latest = ckpt.latest_step()

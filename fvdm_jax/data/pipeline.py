@@ -23,6 +23,8 @@ numpy only below the iterator: elements are built and batched inside grain worke
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,7 +35,7 @@ from absl import flags
 
 from fvdm_jax.data.synthetic import SyntheticVideoSource
 
-SUPPORTED_SOURCES = ("synthetic",)
+SUPPORTED_SOURCES = ("synthetic", "video_folder", "latents", "demo")
 
 
 def _required(config: Mapping[str, Any], key: str, section: str) -> Any:
@@ -44,14 +46,24 @@ def _required(config: Mapping[str, Any], key: str, section: str) -> Any:
     return value
 
 
-def make_source(data_config: Mapping[str, Any], model_config: Mapping[str, Any]):
+def make_source(
+    data_config: Mapping[str, Any],
+    model_config: Mapping[str, Any],
+    vae_config: Mapping[str, Any] | None = None,
+    workdir: str | None = None,
+):
     """The random-access source named by `data_config['source']`.
 
     Args:
-      data_config: the `data` config section (ml_collections ConfigDict or dict): source,
-        num_examples, seed.
+      data_config: the `data` config section (ml_collections ConfigDict or dict).
+        'synthetic': num_examples, seed. 'demo': num_examples, frame_interval, seed (the shipped
+        real clips, pixels). 'video_folder': path, dataset, split, frame_interval, image_size,
+        seed (pixels in [-1, 1]). 'latents': cache_path (default WORKDIR/latents, where
+        --mode=encode writes it), frame_interval, seed.
       model_config: the `model` section; the source makes videos of the model's input shape:
         num_frames (F), input_size (H = W), in_channels (C), num_classes (0 = unconditional).
+      vae_config: the `vae` section ('latents' reads vae.sample_posterior).
+      workdir: the run directory (the default location of the latent cache).
 
     Returns:
       A source with `__len__` and `__getitem__(i) -> {'video': float32 (F, H, W, C),
@@ -62,15 +74,62 @@ def make_source(data_config: Mapping[str, Any], model_config: Mapping[str, Any])
         raise ValueError(
             f"data.source={source!r} is not supported; use one of {', '.join(SUPPORTED_SOURCES)}."
         )
-    # Only 'synthetic' exists so far; the check above keeps the dispatch honest.
-    return SyntheticVideoSource(
-        num_examples=_required(data_config, "num_examples", "data"),
-        num_frames=_required(model_config, "num_frames", "model"),
-        image_size=_required(model_config, "input_size", "model"),
-        channels=_required(model_config, "in_channels", "model"),
-        num_classes=model_config.get("num_classes") or 0,
-        seed=_required(data_config, "seed", "data"),
-    )
+    num_classes = int(model_config.get("num_classes") or 0)
+    if source == "synthetic":
+        return SyntheticVideoSource(
+            num_examples=_required(data_config, "num_examples", "data"),
+            num_frames=_required(model_config, "num_frames", "model"),
+            image_size=_required(model_config, "input_size", "model"),
+            channels=_required(model_config, "in_channels", "model"),
+            num_classes=num_classes,
+            seed=_required(data_config, "seed", "data"),
+        )
+    if source == "demo":
+        from fvdm_jax.data.demo import DemoClipSource
+
+        if model_config.get("in_channels") != 3:
+            raise ValueError("data.source='demo' yields RGB pixels; set model.in_channels=3.")
+        return DemoClipSource(
+            num_examples=_required(data_config, "num_examples", "data"),
+            num_frames=_required(model_config, "num_frames", "model"),
+            image_size=_required(model_config, "input_size", "model"),
+            frame_interval=_required(data_config, "frame_interval", "data"),
+            seed=_required(data_config, "seed", "data"),
+        )
+    if source == "latents":
+        from fvdm_jax.data.latents import LatentCacheSource
+
+        cache = data_config.get("cache_path") or (workdir and os.path.join(workdir, "latents"))
+        if not cache:
+            raise ValueError("data.source='latents' needs data.cache_path (or a workdir)")
+        built = LatentCacheSource(
+            cache,
+            num_frames=_required(model_config, "num_frames", "model"),
+            frame_interval=_required(data_config, "frame_interval", "data"),
+            seed=_required(data_config, "seed", "data"),
+            sample_posterior=bool((vae_config or {}).get("sample_posterior", True)),
+            dataset=data_config.get("dataset"),
+        )
+    else:
+        from fvdm_jax.data.folder import VideoFolderSource
+
+        built = VideoFolderSource(
+            _required(data_config, "path", "data"),
+            dataset=_required(data_config, "dataset", "data"),
+            num_frames=_required(model_config, "num_frames", "model"),
+            frame_interval=_required(data_config, "frame_interval", "data"),
+            image_size=_required(data_config, "image_size", "data"),
+            seed=_required(data_config, "seed", "data"),
+            split=data_config.get("split"),
+            labels=num_classes > 0,
+        )
+        logging.info("%s", built.describe())
+    if built.num_classes != num_classes:
+        raise ValueError(
+            f"data.path has {built.num_classes} classes but model.num_classes={num_classes}; "
+            f"set model.num_classes={built.num_classes}"
+        )
+    return built
 
 
 class _HostSliceMapDataset(grain.MapDataset):
@@ -120,8 +179,29 @@ class _HostSliceMapDataset(grain.MapDataset):
         return self._parent[self._stream_index(index)]
 
 
+class _EpochIndexedRead:
+    """Stream element i holding video v -> source[v + len * (i // len)].
+
+    For sources with `epoch_indexed = True`, whose clip randomness is seeded by the index they
+    receive: each epoch then draws new windows, flips, crops and posterior samples. A class, not a
+    lambda, so that grain worker processes can pickle it.
+    """
+
+    def __init__(self, source):
+        self._source = source
+        self._length = len(source)
+
+    def __call__(self, stream_index, video_index):
+        return self._source[int(video_index) + self._length * (stream_index // self._length)]
+
+
 def _global_stream(source, *, seed: int, shuffle: bool) -> grain.MapDataset:
     """The source, shuffled per epoch with `seed` when `shuffle`, repeated forever."""
+    if getattr(source, "epoch_indexed", False):
+        stream = grain.MapDataset.range(len(source))
+        if shuffle:
+            stream = stream.seed(seed).shuffle()  # the same per-epoch permutation as below
+        return stream.repeat().map_with_index(_EpochIndexedRead(source))
     stream = grain.MapDataset.source(source)
     if shuffle:
         # repeat() after shuffle(): each epoch gets its own permutation derived from `seed`.

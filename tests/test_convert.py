@@ -158,3 +158,15 @@ def test_torch_checkpoint_with_ema_container(tmp_path):
     loaded, config = load_inference_checkpoint(str(config_dir))
     assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded), params)
     assert config["model"]["size"] == "custom"
+
+
+def test_safetensors_checkpoint_needs_no_extra_package(tmp_path):
+    from fvdm_jax.convert.diffusers_vae import write_safetensors
+
+    model = DiT(**TINY)
+    params = random_params(model, seed=4)
+    path = tmp_path / "ckpt.safetensors"
+    write_safetensors(str(path), to_official_state_dict(params, model))
+    convert_official(str(path), str(tmp_path / "out"), num_heads=4)
+    loaded, _ = load_inference_checkpoint(str(tmp_path / "out"))
+    assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded), params)

@@ -51,11 +51,9 @@ def read_checkpoint(path: str, prefix: str = "") -> dict:
             raise ConversionError(f"{path} has no arrays under prefix {prefix!r}")
         return unwrap_state_dict(raw)
     if ext == ".safetensors":
-        try:
-            from safetensors.numpy import load_file
-        except ImportError:
-            raise ImportError("reading .safetensors needs `pip install safetensors`") from None
-        return unwrap_state_dict(load_file(path))
+        from fvdm_jax.convert.diffusers_vae import read_safetensors  # numpy reader, no extra deps
+
+        return unwrap_state_dict(read_safetensors(path))
     if ext in (".pt", ".pth", ".bin", ".ckpt"):
         try:
             import torch

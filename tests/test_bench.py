@@ -30,3 +30,9 @@ def test_encode_throughput_smoke():
     (line,) = run_bench("encode_throughput.py", "--image_size=32", "--frames=1", "--per_device_batch=1")
     assert line["bench"] == "encode_throughput" and line["frames_per_s"] > 0
     assert line["image_size"] == 32 and "cpu" in line["device"]
+
+
+def test_train_throughput_smoke():
+    (line,) = run_bench("train_throughput.py", "--config=configs/tiny.py", "--steps=1", "--mesh=1,1,1")
+    assert line["bench"] == "train_throughput" and line["step_s"] > 0 and line["compile_s"] > 0
+    assert line["videos_per_s"] > 0 and line["train_flops_per_video"] > 0

@@ -5,6 +5,8 @@ Run any config with command-line overrides, e.g. --config.model.size=B --config.
 
 from ml_collections import config_dict
 
+from fvdm_jax.sharding import DEFAULT_RULES
+
 
 def get_config() -> config_dict.ConfigDict:
     config = config_dict.ConfigDict()
@@ -99,18 +101,6 @@ def get_config() -> config_dict.ConfigDict:
     config.mesh = mesh = config_dict.ConfigDict()
     mesh.shape = (-1, 1, 1)
     mesh.axes = ("data", "fsdp", "tensor")
-    mesh.rules = (
-        ("batch", ("data", "fsdp")),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv", None),
-        ("qkv", None),
-        ("embed_in", None),
-        ("freq", None),
-        ("patch", None),
-        ("vocab", None),
-        ("layers", None),
-    )
+    mesh.rules = DEFAULT_RULES  # the table in fvdm_jax/sharding.py (and docs/training.md)
 
     return config

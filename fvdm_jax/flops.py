@@ -142,26 +142,18 @@ def train_step_flops(**model_kwargs: Any) -> int:
 def model_kwargs_from_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments of `dit_forward_flops` from the `model` section of configs/default.py.
 
-    Accepts a ConfigDict or a plain dict; the size (S/B/L/XL or 'custom') is resolved by
-    fvdm_jax.models.dit.resolve_size, so contradictions raise exactly as the model builder does.
+    Accepts a ConfigDict or a plain dict; the model is resolved by
+    fvdm_jax.models.dit.model_from_config, so bad configs raise exactly as the model builder does.
     Keys that do not affect FLOPs (dtype, attention, remat, ...) are ignored.
     """
-    from fvdm_jax.models.dit import resolve_size  # lazy: keeps this module free of jax
+    from fvdm_jax.models.dit import model_from_config  # lazy: keeps this module free of jax
 
-    hidden, depth, heads = resolve_size(model_config)
-    get = model_config.get
-    return dict(
-        input_size=int(model_config["input_size"]),
-        patch_size=int(model_config["patch_size"]),
-        in_channels=int(model_config["in_channels"]),
-        hidden_size=hidden,
-        depth=depth,
-        num_heads=heads,
-        mlp_ratio=float(get("mlp_ratio", 4.0)),
-        num_frames=int(model_config["num_frames"]),
-        learn_sigma=bool(get("learn_sigma", True)),
-        num_classes=int(get("num_classes", 0)),
+    model = model_from_config(model_config)
+    keys = (
+        "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
+        "mlp_ratio", "num_frames", "learn_sigma", "num_classes",
     )
+    return {key: getattr(model, key) for key in keys}
 
 
 def model_flops_from_config(model_config: Mapping[str, Any]) -> int:

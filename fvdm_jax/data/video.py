@@ -215,17 +215,23 @@ def _decode_after_seek(container, stream, wanted: set[int], first: int, last: in
     return frames
 
 
+def _video_stream(container, path, threads: int):
+    """The first video stream of an open container (decode threads set), or VideoReadError."""
+    if not container.streams.video:
+        raise VideoReadError(f"{path}: no video stream.")
+    stream = container.streams.video[0]
+    if threads > 0:
+        stream.codec_context.thread_count = threads
+    return stream
+
+
 def _read_video_file_frames(
     path: Path, indices: np.ndarray | None, *, seek_min_frame: int | None, threads: int
 ) -> np.ndarray:
     av = _av()
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"{path}: no video stream.")
-            stream = container.streams.video[0]
-            if threads > 0:
-                stream.codec_context.thread_count = threads
+            stream = _video_stream(container, path, threads)
             if indices is None:
                 frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
                 if not frames:
@@ -309,11 +315,7 @@ def iter_frames(path: str | os.PathLike, *, threads: int = 0) -> Iterator[np.nda
     av = _av()
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"{path}: no video stream.")
-            stream = container.streams.video[0]
-            if threads > 0:
-                stream.codec_context.thread_count = threads
+            stream = _video_stream(container, path, threads)
             for frame in container.decode(stream):
                 yield frame.to_ndarray(format="rgb24")
     except VideoReadError:

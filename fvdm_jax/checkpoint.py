@@ -85,6 +85,28 @@ def load_inference_checkpoint(directory: str, target=None):
 CHECKPOINT_KEYS = ("every_steps", "keep", "async_save", "export_dir")
 
 
+def _state_snapshot(data_iter):
+    """The iterator's state now, as a grain iterator (the training loop may read ahead, and an
+    async save must not see later states)."""
+    import grain
+
+    class _Snapshot(grain.DatasetIterator):
+        def __init__(self, state):
+            super().__init__()
+            self._state = state
+
+        def __next__(self):
+            raise StopIteration
+
+        def get_state(self):
+            return self._state
+
+        def set_state(self, state):
+            self._state = state
+
+    return _Snapshot(data_iter.get_state())
+
+
 class TrainCheckpointer:
     """An orbax CheckpointManager over WORKDIR/checkpoints; the same path on every host."""
 
@@ -122,7 +144,7 @@ class TrainCheckpointer:
             config=ocp.args.JsonSave(_plain(config)),
         )
         if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+            items["data_iter"] = grain.checkpoint.CheckpointSave(_state_snapshot(data_iter))
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def saved_config(self, step: int) -> dict:

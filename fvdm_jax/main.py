@@ -1,6 +1,6 @@
 """fvdm_jax entry point.
 
-    python -m fvdm_jax.main --config=configs/ffs_xl.py --workdir=DIR [--mode=train|export|encode]
+    python -m fvdm_jax.main --config=configs/ffs_xl.py --workdir=DIR [--mode=train|export|encode|sample|eval]
                             [--config.section.key=value ...]
 
 Multi-process runs (TPU pods, SLURM, several local processes) initialize jax.distributed here,
@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, exports).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "export", "encode"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "export", "encode", "sample", "eval"], "What to run.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a manual launch.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual launch.")
@@ -69,8 +69,19 @@ def _encode(config, workdir):
     print(encode_dataset(config, workdir))
 
 
-# --mode dispatch; sampling and evaluation jobs add their entries here.
-MODES = {"train": _train, "export": _export, "encode": _encode}
+def _sample(config, workdir):
+    from fvdm_jax.sample import sample_job
+
+    print(sample_job(config, workdir))
+
+
+def _eval(config, workdir):
+    from fvdm_jax.evaluate import eval_job
+
+    print(eval_job(config, workdir))
+
+
+MODES = {"train": _train, "export": _export, "encode": _encode, "sample": _sample, "eval": _eval}
 
 
 def main(argv):

@@ -13,6 +13,7 @@ import time
 from typing import Mapping
 
 import jax
+import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -65,6 +66,12 @@ class MetricsLogger:
             self._writer.write_scalars(step, scalars)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]):
+        """uint8 (H, W, 3) images (e.g. sample contact sheets) to TensorBoard; nothing without clu."""
+        if self._writer is not None:
+            self._writer.write_images(step, {k: np.asarray(v)[None] for k, v in images.items()})
+            self._writer.flush()
 
     def close(self):
         if self._writer is not None:

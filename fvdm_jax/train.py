@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -30,7 +32,9 @@ from fvdm_jax.train_step import (
     validate_train_config,
 )
 
-KNOWN_SECTIONS = ("model", "diffusion", "ptss", "data", "vae", "train", "checkpoint", "mesh")
+KNOWN_SECTIONS = (
+    "model", "diffusion", "ptss", "data", "vae", "train", "checkpoint", "mesh", "sample", "eval"
+)
 MESH_KEYS = ("shape", "axes", "rules")
 
 
@@ -141,6 +145,67 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class DevicePrefetcher:
+    """Global batches put on the devices `depth` steps ahead by a background thread, so the
+    host-to-device copy overlaps the step. Its checkpoint state is the step of the next batch it
+    returns (not how far the thread has read), so a checkpoint resumes at the right batch."""
+
+    def __init__(self, data_iter, mesh, rules, depth: int):
+        self._iter = data_iter
+        self._mesh, self._rules = mesh, rules
+        self._next_step = data_iter.step
+        self._depth = int(depth)
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=max(self._depth, 1))
+        self._thread = None
+        if self._depth > 0:
+            self._thread = threading.Thread(target=self._fill, daemon=True, name="device_prefetch")
+            self._thread.start()
+
+    def _fill(self):
+        try:
+            while not self._stop.is_set():
+                item = shd.global_batch(next(self._iter), self._mesh, self._rules)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as error:  # surfaces in the training thread
+            self._queue.put(error)
+
+    def __next__(self):
+        if self._thread is None:
+            item = shd.global_batch(next(self._iter), self._mesh, self._rules)
+        else:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+        self._next_step += 1
+        return item
+
+    def get_state(self) -> dict:
+        return {"step": self._next_step}
+
+    def set_state(self, state) -> None:
+        raise RuntimeError("restore the data iterator before wrapping it in DevicePrefetcher")
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            while self._thread.is_alive():
+                try:
+                    self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            self._thread.join()
+
+
+def _periodic(every, done: int) -> bool:
+    return bool(every) and int(every) > 0 and done % int(every) == 0
+
+
 def _check_finite(state: TrainState, last_saved: int | None):
     bad = int(jax.device_get(state.first_nonfinite_step))
     if bad >= 0:
@@ -206,6 +271,16 @@ def train(
         setup.batch_shardings,
     )
     logger = MetricsLogger(workdir, num_steps, int(train_cfg.log_every_steps))
+    sample_every = config.get("sample", {}).get("every_steps", 0)
+    eval_every = config.get("eval", {}).get("every_steps", 0)
+    training_samples = None
+    if sample_every:
+        from fvdm_jax.sample import TrainingSamples
+
+        training_samples = TrainingSamples(config, workdir, setup.mesh, source)
+    batches = DevicePrefetcher(
+        data_iter, setup.mesh, setup.rules, int(config.data.get("device_prefetch", 0))
+    )
     record = _config_record(config, setup)
     flops_per_video = _train_flops_per_video(config)
     peak = _peak_flops(train_cfg)
@@ -227,7 +302,7 @@ def train(
     done = start
     with _Preemption() as preemption:
         for step in range(start, num_steps):
-            batch = shd.global_batch(next(data_iter), setup.mesh, setup.rules)
+            batch = next(batches)
             if step == start:
                 started = time.perf_counter()
             state, metrics = step_fn(state, batch)
@@ -259,13 +334,20 @@ def train(
                         achieved = scalars["videos_per_sec"] * flops_per_video
                         scalars["mfu"] = achieved / (peak * setup.mesh.size)
                 logger.write(done, scalars)
+            if training_samples is not None and _periodic(sample_every, done):
+                logger.write_images(done, training_samples(done, state.ema_params))
+            if _periodic(eval_every, done):
+                from fvdm_jax.evaluate import training_fvd
+
+                logger.write(done, training_fvd(config, workdir, done, state.ema_params, setup.mesh))
             if done % ckpt.every_steps == 0 or final:
                 _check_finite(state, last_saved)
-                if ckpt.save(done, state, data_iter, record, force=final):
+                if ckpt.save(done, state, batches, record, force=final):
                     last_saved = done
             if stop:
                 logging.warning("stopped at step %d after preemption; checkpoint saved", done)
                 break
+    batches.close()
     ckpt.wait_until_finished()
     ckpt.close()
     logger.close()

@@ -39,6 +39,7 @@ TRAIN_KEYS = (
     "grad_accum_steps",
     "log_every_steps",
     "peak_flops_per_device",
+    "donate_state",
 )
 LR_SCHEDULES = ("constant", "warmup_cosine")
 
@@ -238,7 +239,7 @@ class JittedTrainStep:
             step,
             in_shardings=(state_shardings, batch_shardings),
             out_shardings=(state_shardings, None),
-            donate_argnums=0,
+            donate_argnums=(0,) if bool(train.get("donate_state", True)) else (),
         )
 
     def __call__(self, state: TrainState, batch):

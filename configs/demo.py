@@ -25,6 +25,11 @@ def get_config():
     config.train.ema_decay = 0.999
     config.train.log_every_steps = 20
 
+    # Samples (generate, image-to-video) with the EMA weights every 100 steps:
+    # WORKDIR/samples/step_N/ and TensorBoard. --mode=sample samples any task afterwards.
+    config.sample.every_steps = 100
+    config.sample.train_num_videos = 4
+
     config.checkpoint.every_steps = 100
     config.checkpoint.keep = 2
     return config

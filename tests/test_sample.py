@@ -60,6 +60,15 @@ def test_training_writes_samples(trained):
         sheet = np.asarray(Image.open(os.path.join(directory, "contact_sheet.png")))
         assert sheet.shape == (2 * (SIZE + 1) + 1, FRAMES * (SIZE + 1) + 1, 3)
         assert len(read_video(os.path.join(directory, "video_00001.mp4"))) == FRAMES
+    # ...and the contact sheets went to TensorBoard as images of step 2.
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    tags = set()
+    for name in os.listdir(trained):
+        if name.startswith("events.out.tfevents"):
+            for event in EventFileLoader(os.path.join(trained, name)).Load():
+                tags.update((v.tag, event.step) for v in event.summary.value)
+    assert {("samples/generate", 2), ("samples/i2v", 2)} <= tags
 
 
 def test_sample_job_media_hold_and_resume(trained):

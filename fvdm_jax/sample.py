@@ -232,6 +232,10 @@ class VideoSampler:
         if self.vae_checkpoint:
             self._vae_model()
             videos = self._decode(self._vae_params, videos)
+        if jax.process_count() > 1:  # a global array spans other hosts' devices: gather it
+            from jax.experimental import multihost_utils
+
+            videos = multihost_utils.process_allgather(videos, tiled=True)
         return media.to_rgb(np.asarray(jax.device_get(videos), np.float32))
 
     # --- one schedule ---------------------------------------------------------------------------

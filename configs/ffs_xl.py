@@ -44,4 +44,7 @@ def get_config():
     config.train.ema_decay = 0.9999
     config.train.grad_clip = 0.1
     config.train.grad_clip_start_step = 500_000
+
+    # FVD (--mode=eval, docs/evaluation.md): StyleGAN-V's fvd2048_16f on the train split.
+    config.eval.subsample_factor = 1  # FVD real clips: consecutive frames
     return config

@@ -10,4 +10,5 @@ def get_config():
     config = ffs_xl.get_config()
     config.data.dataset = "sky"
     config.train.grad_clip_start_step = 100_000
+    config.eval.subsample_factor = 1  # FVD real clips: consecutive frames
     return config

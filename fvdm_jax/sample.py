@@ -209,7 +209,7 @@ class VideoSampler:
                 vae_cfg.checkpoint, dtype=DTYPES[vae_cfg.get("dtype", "float32")]
             )
             if vae_cfg.get("scale_factor"):
-                vae = vae.replace(scaling_factor=float(vae_cfg.scale_factor))
+                vae = vae.clone(scaling_factor=float(vae_cfg.scale_factor))
             self._vae = vae
             self._vae_params = jax.device_put(params, jax.sharding.NamedSharding(
                 self.mesh, jax.sharding.PartitionSpec()))
@@ -225,7 +225,11 @@ class VideoSampler:
         if not self.vae_checkpoint:
             return pixels
         self._vae_model()
-        return self._encode(self._vae_params, self._batch_sharded(pixels))
+        batch = pixels.shape[0]
+        padded = math.ceil(batch / self.divisor) * self.divisor  # the mesh splits the batch evenly
+        if padded != batch:
+            pixels = jnp.concatenate([pixels, jnp.repeat(pixels[-1:], padded - batch, 0)])
+        return self._encode(self._vae_params, self._batch_sharded(pixels))[:batch]
 
     def to_pixels(self, videos) -> np.ndarray:
         """Model outputs (B, F, h, w, C) -> host float32 pixels (B, F, H, W, 3)."""

@@ -167,6 +167,43 @@ def test_training_on_the_cache(encoded):
         assert all(np.isfinite(json.loads(line)["loss"]) for line in f)
 
 
+def test_sampling_a_latent_model_decodes_with_the_vae(encoded, tmp_path):
+    """After test_training_on_the_cache: i2v from a PNG (encoded by the VAE) and from the cache's
+    clips; outputs are decoded pixels and frame 0 is the VAE round trip of the input."""
+    from PIL import Image
+
+    from fvdm_jax.sample import VideoSampler, load_sampling_params, sample_job
+
+    config, workdir, _, _ = encoded
+    config.data.source = "latents"
+    config.sample.task = "i2v"
+    config.sample.num_steps = 2
+    config.sample.num_videos = 2
+    config.sample.batch_size = 2
+    config.sample.fps = 4
+    image = np.zeros((48, 40, 3), np.uint8)
+    image[:, :20] = (200, 40, 90)
+    Image.fromarray(image).save(tmp_path / "start.png")
+    config.sample.inputs = str(tmp_path / "start.png")
+    config.sample.output_dir = str(tmp_path / "from_png")
+    with np.load(sample_job(config, workdir)) as data:
+        assert data["videos"].shape == (2, 4, 32, 32, 3)
+    config.sample.inputs = None  # the cache's latent clips condition directly
+    config.sample.output_dir = str(tmp_path / "from_cache")
+    with np.load(sample_job(config, workdir)) as data:
+        assert data["videos"].shape == (2, 4, 32, 32, 3)
+    assert os.path.isfile(tmp_path / "from_cache" / "media" / "video_00001.mp4")
+
+    model_config, diffusion_config, params = load_sampling_params(config, workdir)
+    sampler = VideoSampler(config, params, model_config=model_config,
+                           diffusion_config=diffusion_config)
+    assert sampler.pixel_shape == (4, 32, 32, 3)
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 1, 32, 32, 3)).astype(np.float32)
+    out = sampler.run("i2v", jax.random.key(0), inputs=pixels)
+    round_trip = sampler.to_pixels(sampler.to_model_space(pixels))
+    np.testing.assert_allclose(out[:, 0], round_trip[:, 0], atol=1e-5)
+
+
 def test_cache_errors(tmp_path, encoded):
     _, _, out, _ = encoded
     with pytest.raises(FileNotFoundError, match="not a finished latent cache"):

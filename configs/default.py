@@ -115,7 +115,7 @@ def get_config() -> config_dict.ConfigDict:
     sample.noise_multiplier = 0.0  # conditioning frames follow m * t (Pusa); 0 = clean
     sample.inputs = config_dict.placeholder(str)  # image/video paths, comma-separated; None = data clips
     sample.frame_indices = config_dict.placeholder(str)  # any_frame / interpolate keyframes, "0,7,15"
-    sample.overlap = config_dict.placeholder(int)  # extend / transition context frames; None = N // 2
+    sample.overlap = config_dict.placeholder(int)  # context frames; None: N/2 extend, N/4 transition
     sample.total_frames = 128  # extend / rolling: frames of the long video
     sample.slope = 0.1  # progressive: tau_i(t) = min(slope * i * t, t)
     sample.delay = 1  # pyramid: steps between the starts of consecutive frames

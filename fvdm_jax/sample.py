@@ -520,6 +520,7 @@ class JobInputs:
         lengths = {c.shape[0] for c in clips}
         if len(lengths) > 1:
             shortest = min(lengths)
+            logging.warning("sample inputs have %s frames; all are cut to %d", sorted(lengths), shortest)
             clips = [c[:shortest] for c in clips]
         return clips
 
@@ -557,12 +558,26 @@ def output_dir(config, workdir: str) -> str:
     )
 
 
-def _record(config, model_config) -> dict:
+def weights_identity(config, workdir: str) -> str:
+    """Which weights a job samples with: the inference checkpoint's path, or the training step of
+    WORKDIR's latest checkpoint (more training must not mix into an earlier job's batches)."""
+    if config.sample.get("checkpoint"):
+        return os.path.abspath(config.sample.checkpoint)
+    from fvdm_jax.checkpoint import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(workdir, config.checkpoint)
+    try:
+        return f"{ckpt.directory} step {ckpt.latest_step()}"
+    finally:
+        ckpt.close()
+
+
+def _record(config, model_config, weights: str) -> dict:
     s = config.sample.to_dict() if hasattr(config.sample, "to_dict") else dict(config.sample)
     s.pop("every_steps", None), s.pop("train_tasks", None), s.pop("train_num_videos", None)
     s.pop("num_videos", None)  # more videos may be asked for on resume
     s.pop("output_dir", None)
-    return json.loads(json.dumps({"sample": s, "model": dict(model_config)}))
+    return json.loads(json.dumps({"sample": s, "model": dict(model_config), "weights": weights}))
 
 
 def _write_batch(path: str, videos: np.ndarray, labels: np.ndarray) -> None:
@@ -593,14 +608,14 @@ def sample_job(config, workdir: str) -> str:
     out = output_dir(config, workdir)
     batches_dir, media_dir = os.path.join(out, "batches"), os.path.join(out, "media")
     is_main = jax.process_index() == 0
-    record = _record(config, model_config)
+    record = _record(config, model_config, weights_identity(config, workdir))
     record_path = os.path.join(out, "sample.json")
     if os.path.exists(record_path):
         with open(record_path) as f:
             previous = json.load(f)
         if previous.get("settings") != record:
             raise ValueError(
-                f"{out} holds samples made with other settings; choose another "
+                f"{out} holds samples made with other settings or weights; choose another "
                 f"--config.sample.output_dir or remove it"
             )
     num_videos, batch = int(s.num_videos), int(s.batch_size)

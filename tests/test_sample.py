@@ -106,6 +106,14 @@ def test_sample_job_media_hold_and_resume(trained):
     changed.sample.output_dir = out
     with pytest.raises(ValueError, match="other settings"):
         sample_job(changed, trained)
+    # More training since: the same settings with newer weights must not mix into these batches.
+    record_path = os.path.join(out, "sample.json")
+    record = json.load(open(record_path))
+    assert record["settings"]["weights"].endswith("step 2")
+    record["settings"]["weights"] = record["settings"]["weights"].replace("step 2", "step 1")
+    json.dump(record, open(record_path, "w"))
+    with pytest.raises(ValueError, match="other settings or weights"):
+        sample_job(config, trained)
 
 
 def test_every_task(trained):

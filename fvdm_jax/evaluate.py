@@ -188,11 +188,19 @@ def _sampler_inputs(real_videos: np.ndarray, height: int, width: int) -> np.ndar
     return np.asarray(real_videos, np.float32) / np.float32(127.5) - 1.0
 
 
+def _keep(keep: list | None, videos: np.ndarray, limit: int) -> None:
+    """Appends uint8 videos to `keep` until it holds `limit` of them (the verdict's sheets)."""
+    if keep is not None and len(keep) < limit:
+        keep.extend(videos[: limit - len(keep)])
+
+
 def generated_features(sampler, num_videos: int, num_frames: int, detector, batch_size: int,
-                       seed: int, per_call: int, params=None) -> FeatureStats:
+                       seed: int, per_call: int, params=None, keep: list | None = None,
+                       keep_count: int = 0) -> FeatureStats:
     """Statistics of `num_videos` videos of task 'generate', sampled `per_call` at a time
     (sample.batch_size) with keys fold_in(key(seed), k); labels as the sampler draws them
-    (uniform classes for class-conditional models). params: None = the sampler's own."""
+    (uniform classes for class-conditional models). params: None = the sampler's own.
+    keep: a list that receives the first `keep_count` uint8 videos."""
     key, stats, done = jax.random.key(seed), None, 0
     bar = progress_bar(num_videos, "generated features")
     for k in range(math.ceil(num_videos / per_call)):
@@ -200,7 +208,9 @@ def generated_features(sampler, num_videos: int, num_frames: int, detector, batc
         videos = np.asarray(sampler.run("generate", jax.random.fold_in(key, k), batch_size=per_call, **extra))
         _check_generated_frames(videos.shape[1], num_frames, "the sampler")
         take = min(per_call, num_videos - done)
-        stats = batch_features(detector, quantize_generated(videos[:take, :num_frames]), batch_size, stats)
+        quantized = quantize_generated(videos[:take, :num_frames])
+        _keep(keep, quantized, keep_count)
+        stats = batch_features(detector, quantized, batch_size, stats)
         done += take
         if bar is not None:
             bar.update(take)
@@ -210,10 +220,12 @@ def generated_features(sampler, num_videos: int, num_frames: int, detector, batc
 
 
 def zero_shot_features(config, sampler, real, num_frames: int, detector, batch_size: int,
-                       real_stats: FeatureStats | None, conditional: bool):
+                       real_stats: FeatureStats | None, conditional: bool,
+                       keep: list | None = None, keep_count: int = 0):
     """Generates from the real clips' frames (i2v: frame 0; interpolate: first and last frame;
     extend: the first sample.overlap (None: N // 2) frames) and returns (generated stats, real
-    stats), the real ones computed from the same clips unless given."""
+    stats), the real ones computed from the same clips unless given. keep: a list that receives
+    the first `keep_count` generated uint8 videos."""
     task, ev = config.eval.task, config.eval
     frames, height, width = sampler.pixel_shape[:3]
     if task in ("i2v", "interpolate") and frames != num_frames:
@@ -233,8 +245,9 @@ def zero_shot_features(config, sampler, real, num_frames: int, detector, batch_s
             videos = np.asarray(sampler.run(task, jax.random.fold_in(key, k), inputs=inputs,
                                             labels=labels if conditional else None, batch_size=per_call))
             _check_generated_frames(videos.shape[1], num_frames, f"eval.task={task}")
-            fake_stats = batch_features(detector, quantize_generated(videos[: len(rows), :num_frames]),
-                                        batch_size, fake_stats)
+            quantized = quantize_generated(videos[: len(rows), :num_frames])
+            _keep(keep, quantized, keep_count)
+            fake_stats = batch_features(detector, quantized, batch_size, fake_stats)
             if real_stats is None:
                 new_real = batch_features(detector, real_videos[: len(rows)], batch_size, new_real)
             if bar is not None:

@@ -52,9 +52,13 @@ def maybe_initialize_distributed() -> None:
 
 
 def _train(config, workdir):
+    from fvdm_jax.report import finish_training, validate_verdict_config
     from fvdm_jax.train import train
 
-    train(config, workdir)
+    validate_verdict_config(config.eval)
+    result = train(config, workdir)
+    if not result.preempted:
+        finish_training(config, workdir)
 
 
 def _export(config, workdir):

@@ -94,11 +94,21 @@ def write_gif(path: str, frames, fps: int = 8) -> str:
     return path
 
 
-def frame_grid(videos, pad: int = 1, pad_value: int = 255) -> np.ndarray:
-    """uint8 (B, F, H, W, 3) -> one uint8 image (B rows of F frames) with `pad` pixels between."""
+def sheet_scale(height: int, min_frame_size: int) -> int:
+    """The integer upscaling that shows frames of `height` pixels at >= min_frame_size pixels."""
+    return max(1, -(-int(min_frame_size) // max(int(height), 1)))
+
+
+def frame_grid(videos, pad: int = 1, pad_value: int = 255, scale: int = 1) -> np.ndarray:
+    """uint8 (B, F, H, W, 3) -> one uint8 image (B rows of F frames) with `pad` pixels between;
+    each frame enlarged `scale` times (nearest neighbour: every generated pixel stays visible)."""
     videos = np.asarray(videos)
     if videos.ndim != 5:
         raise ValueError(f"videos of shape {videos.shape}; expected (B, F, H, W, C)")
+    if int(scale) < 1:
+        raise ValueError(f"scale={scale} must be >= 1")
+    if scale > 1:
+        videos = videos.repeat(int(scale), axis=2).repeat(int(scale), axis=3)
     b, f, h, w, c = videos.shape
     grid = np.full((b * (h + pad) + pad, f * (w + pad) + pad, c), pad_value, videos.dtype)
     for i in range(b):

@@ -50,7 +50,7 @@ SAMPLE_KEYS = (
     "task", "sampler", "num_steps", "eta", "clip_denoised", "cfg_scale", "labels", "num_videos",
     "batch_size", "seed", "policy", "noise_multiplier", "inputs", "frame_indices", "overlap",
     "total_frames", "slope", "delay", "checkpoint", "output_dir", "fps", "save_media",
-    "every_steps", "train_tasks", "train_num_videos",
+    "every_steps", "train_tasks", "train_num_videos", "sheet_frame_size",
 )
 TASKS = (
     "generate", "i2v", "interpolate", "any_frame", "transition", "next_frame", "extend",
@@ -586,13 +586,16 @@ def _write_batch(path: str, videos: np.ndarray, labels: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def write_media(directory: str, videos: np.ndarray, first_index: int, fps: int, name: str):
-    """MP4 + GIF per video (video_XXXXX) and one contact sheet `name`.png."""
+def write_media(directory: str, videos: np.ndarray, first_index: int, fps: int, name: str,
+                sheet_frame_size: int = 1):
+    """MP4 + GIF per video (video_XXXXX) and one contact sheet `name`.png whose frames are
+    enlarged (nearest neighbour) to at least `sheet_frame_size` pixels."""
     for i, video in enumerate(videos):
         stem = os.path.join(directory, f"video_{first_index + i:05d}")
         media.write_mp4(stem + ".mp4", video, fps)
         media.write_gif(stem + ".gif", video, fps)
-    media.write_png(os.path.join(directory, f"{name}.png"), media.frame_grid(videos))
+    scale = media.sheet_scale(videos.shape[2], sheet_frame_size)
+    media.write_png(os.path.join(directory, f"{name}.png"), media.frame_grid(videos, scale=scale))
 
 
 def sample_job(config, workdir: str) -> str:
@@ -643,7 +646,8 @@ def sample_job(config, workdir: str) -> str:
         if is_main:
             _write_batch(path, videos, np.asarray(labels[:keep], np.int32))
             if s.save_media:
-                write_media(media_dir, videos, k * batch, int(s.fps), f"batch_{k:05d}")
+                write_media(media_dir, videos, k * batch, int(s.fps), f"batch_{k:05d}",
+                            int(s.get("sheet_frame_size", 1)))
     if not is_main:
         return os.path.join(out, "samples.npz")
     videos, labels = [], []
@@ -689,6 +693,7 @@ class TrainingSamples:
         self.workdir = workdir
         self.tasks = tuple(s.train_tasks)
         self.fps = int(s.fps)
+        self.sheet_frame_size = int(s.get("sheet_frame_size", 1))
         self.sampler = VideoSampler(config, None, mesh=mesh)
         count = int(s.train_num_videos)
         self.batch = count
@@ -710,9 +715,10 @@ class TrainingSamples:
             videos = self.sampler.run(task, self.key, labels=self.labels, batch_size=self.batch,
                                       params=ema_params, **kwargs)
             videos = media.to_uint8(videos)
-            images[f"samples/{task}"] = media.frame_grid(videos)
+            scale = media.sheet_scale(videos.shape[2], self.sheet_frame_size)
+            images[f"samples/{task}"] = media.frame_grid(videos, scale=scale)
             if jax.process_index() == 0:
                 task_dir = os.path.join(directory, task)
                 os.makedirs(task_dir, exist_ok=True)
-                write_media(task_dir, videos, 0, self.fps, "contact_sheet")
+                write_media(task_dir, videos, 0, self.fps, "contact_sheet", self.sheet_frame_size)
         return images

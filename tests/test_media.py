@@ -50,6 +50,13 @@ def test_mp4_gif_png_round_trip(tmp_path):
     assert grid.shape == (2 * 26 + 2, 6 * 42 + 2, 3)
     np.testing.assert_array_equal(grid[2:26, 2:42], video[0])
     np.testing.assert_array_equal(grid[28:52, 2:42], video[-1])
+    big = media.frame_grid(np.stack([video, video[::-1]]), pad=2, scale=3)
+    assert big.shape == (2 * (3 * 24 + 2) + 2, 6 * (3 * 40 + 2) + 2, 3)
+    np.testing.assert_array_equal(big[2:74:3, 2:122:3], video[0])  # nearest: every pixel kept
+    np.testing.assert_array_equal(big[4:74:3, 4:122:3], video[0])
+    assert media.sheet_scale(16, 96) == 6 and media.sheet_scale(256, 96) == 1
+    with pytest.raises(ValueError, match="scale=0"):
+        media.frame_grid(video[None], scale=0)
     png = media.write_png(str(tmp_path / "g.png"), grid)
     np.testing.assert_array_equal(np.asarray(Image.open(png)), grid)
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from fvdm_jax import media
 from fvdm_jax.config_utils import load_config
-from fvdm_jax.data.demo import DemoClipSource
+from fvdm_jax.data.demo import DemoClipSource, demo_options
 from fvdm_jax.data.video import read_video
 from fvdm_jax.sharding import make_mesh
 from fvdm_jax.sample import TASKS, VideoSampler, load_sampling_params, sample_job
@@ -26,6 +26,11 @@ def small_demo_config(**sample):
     config = load_config(os.path.join(ROOT, "configs", "demo.py"))
     model = config.model
     model.hidden_size, model.depth, model.num_heads = 32, 2, 2
+    # The small pixel model these tests were written for (the demo recipe itself is larger).
+    model.num_frames, model.input_size, model.patch_size, model.num_classes = FRAMES, SIZE, 4, 0
+    config.sample.sheet_frame_size = 1
+    config.sample.cfg_scale = 1.0
+    config.train.batch_size = 8
     config.train.num_steps = 2
     config.train.log_every_steps = 1
     config.checkpoint.every_steps = 2
@@ -50,6 +55,7 @@ def demo_clips(config, count):
     source = DemoClipSource(
         num_examples=config.data.num_examples, num_frames=FRAMES, image_size=SIZE,
         frame_interval=config.data.frame_interval, seed=config.data.seed,
+        **demo_options(config.data),
     )
     return np.stack([source[i]["video"] for i in range(count)])
 
@@ -178,6 +184,8 @@ def test_sample_cli_from_exported_checkpoint(trained, tmp_path):
         sys.executable, "-m", "fvdm_jax.main", "--mode=sample", "--workdir", str(tmp_path),
         f"--config={os.path.join(ROOT, 'configs', 'demo.py')}",
         "--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
+        f"--config.model.num_frames={FRAMES}", f"--config.model.input_size={SIZE}",
+        "--config.model.patch_size=4", "--config.model.num_classes=0", "--config.sample.cfg_scale=1.0",
         f"--config.sample.checkpoint={exported}", f"--config.sample.output_dir={out}",
         "--config.sample.task=interpolate", "--config.sample.num_steps=2",
         "--config.sample.num_videos=2", "--config.sample.batch_size=2",

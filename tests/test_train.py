@@ -197,6 +197,7 @@ def test_ffs_xl_recipe_builds_sharded_state_abstractly():
 def test_demo_config_trains_on_the_shipped_clips(tmp_path):
     config = load_config(os.path.join(CONFIGS, "demo.py"))
     config.train.num_steps = 2
+    config.train.batch_size = 8  # one video per simulated device
     config.checkpoint.async_save = False
     result = train(config, str(tmp_path))
     assert result.step == 2 and all(np.isfinite(read_losses(str(tmp_path))))

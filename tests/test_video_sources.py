@@ -459,6 +459,58 @@ def test_demo_source_shapes_range_determinism_and_diversity(demo):
     assert int(other[0]["label"]) == 0 and "bikes.mp4 (250 frames)" in demo.describe()
 
 
+def test_demo_source_holds_out_the_last_frames_of_every_clip():
+    """Each example's first frame is located in its clip by an exhaustive search over frames,
+    crop offsets and flips: training examples start early enough that their window ends before
+    the held-out frames; held-out examples start inside them."""
+    from fvdm_jax.data.demo import cached_clip
+
+    kwargs = dict(num_examples=40, num_frames=4, image_size=8, frame_interval=2, min_crop_fraction=1.0,
+                  clip_names=("bigbuckbunny.mp4", "carphone_pristine.mp4"), hold_out_frames=30,
+                  balance_clips=True, label_by_clip=True)
+    train_part = DemoClipSource(**kwargs)
+    held = DemoClipSource(**kwargs, segment="held_out")
+    span = train_part.span
+    assert list(train_part.segment_end) == [102, 90] and list(held.segment_first) == [102, 90]
+    np.testing.assert_allclose(train_part.clip_probabilities, [0.5, 0.5])  # balanced, not 102:90
+    assert "held_out segment: last 30 frames" in held.describe()
+
+    def locate(source, example):
+        """(clip, frame) of the clip frame whose full-height crop best matches the first frame."""
+        target = (example["video"][0] + 1) * 127.5
+        best = (np.inf, None, None)
+        clip = int(example["label"])
+        frames = cached_clip(source.clip_paths[clip], source.cache_short_side).astype(np.float32)
+        height, width = frames.shape[1:3]
+        block = height // 8
+        for left in range(width - height + 1):
+            crops = frames[:, :, left:left + height]
+            small = crops.reshape(len(frames), 8, block, 8, block, 3).mean(axis=(2, 4))
+            for candidate in (small, small[:, :, ::-1]):
+                errors = np.abs(candidate - target).mean(axis=(1, 2, 3))
+                t = int(np.argmin(errors))
+                if errors[t] < best[0]:
+                    best = (errors[t], clip, t)
+        assert best[0] < 12, best  # a real match (block means vs the antialiased resize)
+        return best[1], best[2]
+
+    for index in range(6):
+        clip, t = locate(train_part, train_part[index])
+        assert t + span <= train_part.segment_end[clip] + 1, (clip, t)
+        clip, t = locate(held, held[index])
+        assert t >= held.segment_first[clip] - 1, (clip, t)
+    assert {int(held[i]["label"]) for i in range(20)} == {0, 1}
+
+
+def test_demo_source_hold_out_errors_are_one_line():
+    with pytest.raises(ValueError, match="held_out segment of every demo clip is shorter"):
+        DemoClipSource(num_frames=16, frame_interval=2, hold_out_frames=20, segment="held_out")
+    with pytest.raises(ValueError, match="needs hold_out_frames > 0"):
+        DemoClipSource(segment="held_out")
+    with pytest.raises(ValueError, match="segment='test' is unknown"):
+        DemoClipSource(segment="test")
+
+
 def test_demo_source_missing_package_is_a_one_line_error(monkeypatch):
     import importlib.metadata
     import importlib.util

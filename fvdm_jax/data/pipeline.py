@@ -85,17 +85,26 @@ def make_source(
             seed=_required(data_config, "seed", "data"),
         )
     if source == "demo":
-        from fvdm_jax.data.demo import DemoClipSource
+        from fvdm_jax.data.demo import DemoClipSource, demo_options
 
         if model_config.get("in_channels") != 3:
             raise ValueError("data.source='demo' yields RGB pixels; set model.in_channels=3.")
-        return DemoClipSource(
+        built = DemoClipSource(
             num_examples=_required(data_config, "num_examples", "data"),
             num_frames=_required(model_config, "num_frames", "model"),
             image_size=_required(model_config, "input_size", "model"),
             frame_interval=_required(data_config, "frame_interval", "data"),
             seed=_required(data_config, "seed", "data"),
+            label_by_clip=num_classes > 0,
+            **demo_options(data_config),
         )
+        if num_classes and built.num_classes != num_classes:
+            raise ValueError(
+                f"a class-conditional demo model labels each clip: data.demo_clips has "
+                f"{built.num_classes} clips but model.num_classes={num_classes}; set "
+                f"model.num_classes={built.num_classes} (or 0: unconditional)"
+            )
+        return built
     if source == "latents":
         from fvdm_jax.data.latents import LatentCacheSource
 

@@ -1,0 +1,268 @@
+"""What a finished training run shows a person: the loss curve and the FVD verdict.
+
+`finish_training(config, workdir)` runs after `--mode=train` completes:
+- WORKDIR/loss.png: loss, mse and vb against the step (log scale), from metrics.jsonl.
+- With `eval.after_training` naming tasks (the demo: generate, i2v, interpolate), the verdict:
+  FVD of `eval.num_videos` videos per task against as many real clips (for the demo source with
+  `data.hold_out_frames`, clips of frames it never trained on), next to baselines computed the same
+  way against the same real statistics (`eval.baselines`):
+    noise     uniform noise videos (what FVD gives for no video at all),
+    shuffled  other real clips of the same set with their frames in random order (right
+              frames, no motion: a model below it makes temporally coherent video),
+    real      other real clips in order (the floor that this many videos allow).
+  The table is printed and logged, every row is one line of WORKDIR/eval.jsonl ('verdict': true),
+  and WORKDIR/verdict/<task>.png shows the first evaluated videos of each task, enlarged, above the
+  real clips they were conditioned on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+from fvdm_jax import media
+from fvdm_jax import sharding as shd
+from fvdm_jax.metrics import METRICS_FILE
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("noise", "shuffled", "real")
+VERDICT_TASKS = ("generate", "i2v", "interpolate")
+LOSS_PLOT = "loss.png"
+VERDICT_DIR = "verdict"
+SHEET_VIDEOS = 4  # videos per task on the verdict's contact sheets
+
+
+def validate_verdict_config(eval_config) -> None:
+    """One-line errors for eval.after_training / eval.baselines."""
+    tasks = tuple(eval_config.get("after_training") or ())
+    unknown = [t for t in tasks if t not in VERDICT_TASKS]
+    if unknown:
+        raise ValueError(f"eval.after_training has unknown task(s) {unknown}; use some of "
+                         f"{', '.join(VERDICT_TASKS)}")
+    unknown = [b for b in tuple(eval_config.get("baselines") or ()) if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"eval.baselines has unknown baseline(s) {unknown}; use some of "
+                         f"{', '.join(BASELINES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss curve.
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The rows of WORKDIR/metrics.jsonl; for a step logged twice (a restart re-ran it), the last."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return []
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                row = json.loads(line)
+                rows[int(row["step"])] = row
+    return [rows[step] for step in sorted(rows)]
+
+
+def plot_loss(workdir: str, path: str | None = None) -> str | None:
+    """Writes the loss curve (loss, mse, vb vs step, log y) to `path` (WORKDIR/loss.png) and
+    returns it; None when there is nothing to plot or matplotlib is missing (logged)."""
+    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    if not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        logger.warning("no loss plot (%s): pip install matplotlib", error)
+        return None
+    path = path or os.path.join(workdir, LOSS_PLOT)
+    steps = [r["step"] for r in rows]
+    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for key, style in (("loss", "-"), ("mse", "--"), ("vb", ":")):
+        values = [r.get(key) for r in rows]
+        if all(v is not None and v > 0 for v in values):
+            axis.plot(steps, values, style, label=key)
+    axis.set_yscale("log")
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss (mean over the log interval)")
+    axis.set_title(os.path.basename(os.path.normpath(workdir)) or workdir)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}.png"
+    figure.savefig(temporary)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline video sets: uint8 (N, F, H, W, 3).
+
+
+def noise_videos(count: int, shape, seed: int) -> np.ndarray:
+    """Uniform noise videos: every pixel of every frame independent, uniform in [0, 255]."""
+    return np.random.default_rng((seed, 17)).integers(0, 256, (count, *shape), dtype=np.uint8)
+
+
+def shuffle_frames(videos: np.ndarray, seed: int) -> np.ndarray:
+    """The same videos with the frames of each in a random order (a fresh permutation per video)."""
+    rng = np.random.default_rng((seed, 23))
+    return np.stack([video[rng.permutation(len(video))] for video in videos])
+
+
+def read_videos(video_set, count: int) -> np.ndarray:
+    """The first `count` uint8 clips of a real video set (its `read(i) -> (video, label)`)."""
+    return np.stack([video_set.read(i)[0] for i in range(min(count, len(video_set)))])
+
+
+# ---------------------------------------------------------------------------------------------
+# The verdict.
+
+
+def format_table(rows: list[dict]) -> str:
+    """The verdict's table: one line per task, then one per baseline."""
+    first = rows[0] if rows else {}
+    head = (f"FVD ({first.get('num_generated', '?')} videos per row vs {first.get('num_real', '?')} "
+            f"real clips, {first.get('num_frames', '?')} frames, {first.get('detector', 'I3D')})")
+    lines = [head, f"  {'row':<28} {'FVD':>10}"]
+    for row in rows:
+        name = row["task"] if not row.get("baseline") else f"baseline: {row['baseline_name']}"
+        lines.append(f"  {name:<28} {row['fvd']:>10.1f}")
+    return "\n".join(lines)
+
+
+def task_features(config, sampler, detector, batch: int, real, real_stats, task: str,
+                  num_videos: int, num_frames: int, seed: int, keep: list | None = None,
+                  conditional: bool = False):
+    """Detector statistics of one task's videos (their first `num_frames` frames): 'generate'
+    samples `num_videos` from noise (keys from `seed`); the zero-shot tasks (i2v, interpolate,
+    extend) condition on the clips of the real set `real`, whose statistics `real_stats` are
+    already known (and on their classes when `conditional`). keep: receives the first
+    SHEET_VIDEOS uint8 videos."""
+    from fvdm_jax import evaluate
+
+    if task == "generate":
+        return evaluate.generated_features(sampler, num_videos, num_frames, detector, batch, seed,
+                                           int(config.sample.batch_size), keep=keep,
+                                           keep_count=SHEET_VIDEOS)
+    task_config = config.copy_and_resolve_references()
+    with task_config.unlocked():
+        task_config.eval.task = task
+        task_config.eval.seed = seed
+    stats, _ = evaluate.zero_shot_features(task_config, sampler, real, num_frames, detector, batch,
+                                           real_stats, conditional=conditional, keep=keep,
+                                           keep_count=SHEET_VIDEOS)
+    return stats
+
+
+def verdict(config, workdir: str) -> list[dict]:
+    """FVD per task of eval.after_training and per baseline of eval.baselines (see the module
+    docstring); returns the rows, also appended to WORKDIR/eval.jsonl."""
+    from fvdm_jax import evaluate
+    from fvdm_jax.data.fvd_videos import open_real
+    from fvdm_jax.fvd import batch_features, detector_batch_size, fvd_from_stats, load_detector
+    from fvdm_jax.sample import VideoSampler, load_sampling_params
+
+    ev = config.eval
+    validate_verdict_config(ev)
+    evaluate.validate_eval_config(ev)
+    tasks = tuple(ev.after_training)
+    started = time.perf_counter()
+    mesh = shd.make_mesh(config.mesh)
+    model_config, diffusion_config, params = load_sampling_params(config, workdir)
+    sampler = VideoSampler(config, params, mesh=mesh, model_config=model_config,
+                           diffusion_config=diffusion_config)
+    num_frames, height = int(sampler.pixel_shape[0]), int(sampler.pixel_shape[1])
+    if num_frames < evaluate.I3D_MIN_FRAMES:
+        raise ValueError(f"the verdict's FVD needs >= {evaluate.I3D_MIN_FRAMES} frames; the model makes "
+                         f"{num_frames}: set eval.after_training=() or model.num_frames")
+    num_videos = int(ev.num_videos)
+    protocol = evaluate._protocol(config, num_frames, int(ev.resolution or height))
+    detector = load_detector(ev.detector, mesh, shd.rules_from_config(config.mesh))
+    batch = detector_batch_size(int(ev.batch_size), num_frames, detector.batch_divisor)
+    conditional = sampler.num_classes > 0  # zero-shot tasks take the real clips' classes
+    real = open_real(config, protocol, labels=conditional)
+    cache_dir = ev.cache_dir or os.path.join(workdir, "fvd_cache")
+    real_stats, _ = evaluate.real_statistics(real, protocol, detector, cache_dir, batch,
+                                             int(ev.num_workers))
+    step = evaluate._latest_checkpoint_step(workdir)
+    common = {"step": step, "num_real": int(real_stats.count), "num_frames": num_frames,
+              "detector": detector.name, "real": real.describe(), "verdict": True}
+    rows, sheets = [], {}
+    for task in tasks:
+        clock, keep = time.perf_counter(), []
+        stats = task_features(config, sampler, detector, batch, real, real_stats, task,
+                              num_videos, num_frames, int(ev.seed), keep=keep,
+                              conditional=conditional)
+        sheets[task] = np.stack(keep)
+        rows.append({"task": task, "fvd": fvd_from_stats(real_stats, stats),
+                     "num_generated": int(stats.count), "seconds": time.perf_counter() - clock,
+                     **common})
+    baselines = tuple(ev.get("baselines") or ())
+    if "shuffled" in baselines or "real" in baselines:
+        # Other draws of the same real set (another seed: other windows, crops and flips).
+        other_protocol = evaluate._protocol(config, num_frames, protocol.resolution)
+        other_protocol = type(other_protocol)(**{**other_protocol.__dict__, "seed": protocol.seed + 1})
+        others = read_videos(open_real(config, other_protocol), num_videos)
+    for name in baselines:
+        clock = time.perf_counter()
+        if name == "noise":
+            videos = noise_videos(num_videos, (num_frames, protocol.resolution, protocol.resolution, 3),
+                                  int(ev.seed))
+        elif name == "shuffled":
+            videos = shuffle_frames(others, int(ev.seed))
+        else:
+            videos = others
+        stats = batch_features(detector, videos, batch)
+        rows.append({"task": "baseline", "baseline": True, "baseline_name": name,
+                     "fvd": fvd_from_stats(real_stats, stats), "num_generated": int(stats.count),
+                     "seconds": time.perf_counter() - clock, **common})
+    for row in rows:
+        evaluate.append_record(workdir, row)
+    _write_sheets(workdir, sheets, real, config)
+    table = format_table(rows)
+    if jax.process_index() == 0:
+        print(table, flush=True)
+        print(f"verdict sheets: {os.path.join(workdir, VERDICT_DIR)}/<task>.png; samples (GIF, MP4, "
+              f"contact sheets): {os.path.join(workdir, 'samples')}; FVD rows: "
+              f"{os.path.join(workdir, evaluate.EVAL_FILE)} ({time.perf_counter() - started:.0f} s)",
+              flush=True)
+    logger.info("verdict:\n%s", table)
+    return rows
+
+
+def _write_sheets(workdir: str, sheets: dict, real, config) -> None:
+    """WORKDIR/verdict/<task>.png: the first evaluated videos; zero-shot tasks under their real
+    clips (the conditioning frames come from those)."""
+    if jax.process_index() != 0 or not sheets:
+        return
+    directory = os.path.join(workdir, VERDICT_DIR)
+    os.makedirs(directory, exist_ok=True)
+    size = int(config.sample.get("sheet_frame_size", 1))
+    for task, videos in sheets.items():
+        if task != "generate":
+            reals = read_videos(real, len(videos))
+            videos = np.stack([v for pair in zip(reals, videos) for v in pair])
+        scale = media.sheet_scale(videos.shape[2], size)
+        media.write_png(os.path.join(directory, f"{task}.png"), media.frame_grid(videos, scale=scale))
+
+
+def finish_training(config, workdir: str) -> None:
+    """After a completed training run: the loss plot, then the verdict if eval.after_training."""
+    if jax.process_index() == 0:
+        path = plot_loss(workdir)
+        if path:
+            print(f"loss curve: {path}", flush=True)
+    if tuple(config.eval.get("after_training") or ()):
+        verdict(config, workdir)

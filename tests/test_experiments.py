@@ -79,30 +79,48 @@ def test_bad_data_folders_are_one_line(tmp_path):
 def test_tiny_ablation_end_to_end_and_resume(tmp_path):
     data = write_videos(tmp_path / "videos", 8)
     out = str(tmp_path / "out")
-    args = [f"--data={data}", f"--out={out}", "--p=0,1", "--steps=2", "--tasks=generate,i2v,interpolate,extend",
-            "--eval_seeds=0,1", "--num_videos=2", *TINY_SETTINGS]
+    # generate and extend cover both FVD paths (from noise; from real clips' frames, here twice
+    # the window) at both lengths; i2v and interpolate take extend's path (tests/test_report.py
+    # runs them at full length).
+    tasks = ("generate", "extend")
+    args = [f"--data={data}", f"--out={out}", "--p=0,1", "--steps=2", f"--tasks={','.join(tasks)}",
+            "--eval_seeds=3", "--num_videos=2", *TINY_SETTINGS]
     started = time.perf_counter()
     summary = ptss.run(args)
     first = time.perf_counter() - started
     rows = summary["rows"]
-    assert len(rows) == 2 * 4 * 2  # p x task x seed
-    assert {(r["p"], r["task"], r["seed"]) for r in rows} == {
-        (p, t, s) for p in (0.0, 1.0) for t in ptss.TASKS for s in (0, 1)}
+    assert len(rows) == 2 * 2  # p x task (one evaluation seed here; the spread is tested below)
+    assert {(r["p"], r["task"], r["seed"]) for r in rows} == {(p, t, 3) for p in (0.0, 1.0) for t in tasks}
     assert all(np.isfinite(r["fvd"]) and r["fvd"] > 0 and r["num_generated"] == 2 for r in rows)
     assert {r["num_frames"] for r in rows if r["task"] == "extend"} == {18}
     # The two models differ (their p) and so do their FVDs; both saw the same data and seed.
     for p in ("p0", "p1"):
-        saved = json.load(open(os.path.join(out, p, "fvd", "generate_seed0.json")))
+        saved = json.load(open(os.path.join(out, p, "fvd", "generate_seed3.json")))
         assert saved["steps"] == 2
     assert os.path.isfile(os.path.join(out, "results.png"))
     table = open(os.path.join(out, "results.md")).read()
-    assert "| 0 |" in table and "| 1 |" in table and "extend" in table and "±" in table
+    assert "| 0 |" in table and "| 1 |" in table and "extend" in table and "± 0.0" in table
     assert sorted(os.listdir(os.path.join(out, "sheets"))) == sorted(
-        f"p{p}_{t}.png" for p in (0, 1) for t in ptss.TASKS)
+        f"p{p}_{t}.png" for p in (0, 1) for t in tasks)
     results = json.load(open(os.path.join(out, "results.json")))
-    assert len(results["table"]) == 8 and results["info"]["steps"] == 2
+    assert len(results["table"]) == 4 and results["info"]["steps"] == 2
 
     # A rerun trains and evaluates nothing: every model and FVD is read back.
     started = time.perf_counter()
     again = ptss.run(args)
     assert again["rows"] == rows and time.perf_counter() - started < first / 2
+
+
+def test_summary_table_over_evaluation_seeds():
+    rows = [{"p": 0.0, "task": "generate", "seed": 0, "fvd": 100.0},
+            {"p": 0.0, "task": "generate", "seed": 1, "fvd": 120.0},
+            {"p": 0.2, "task": "generate", "seed": 0, "fvd": 90.0},
+            {"p": 0.2, "task": "generate", "seed": 1, "fvd": 96.0},
+            {"p": 0.2, "task": "i2v", "seed": 0, "fvd": 50.0}]
+    table = ptss.summarize(rows, [0.0, 0.2], ["generate", "i2v"])
+    assert table[(0.0, "generate")] == (110.0, 20.0, 2) and table[(0.2, "generate")] == (93.0, 6.0, 2)
+    assert (0.0, "i2v") not in table and table[(0.2, "i2v")] == (50.0, 0.0, 1)
+    info = {"num_seeds": 2, "data": "d", "config": "c", "steps": 5, "seed": 0, "num_videos": 2, "frames": 9}
+    markdown = ptss.results_markdown(table, [0.0, 0.2], ["generate", "i2v"], info)
+    assert "| 0 | 110.0 ± 10.0 | nan ± nan |" in markdown  # a missing cell says so
+    assert "| 0.2 | **93.0 ± 3.0** | **50.0 ± 0.0** |" in markdown  # the best p per task in bold

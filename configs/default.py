@@ -133,7 +133,7 @@ def get_config() -> config_dict.ConfigDict:
     sample.save_media = True  # MP4 + GIF per video and a PNG contact sheet per batch
     sample.every_steps = 0  # during training: write samples every N steps (0 = off)
     sample.train_tasks = ("generate", "i2v")  # tasks sampled during training
-    sample.train_num_videos = 4
+    sample.train_num_videos = 4  # videos per task during training (and on the verdict's sheets)
 
     # Evaluation (--mode=eval, and FVD during training): see docs/evaluation.md.
     config.eval = evaluation = config_dict.ConfigDict()

@@ -11,8 +11,8 @@
               frames, no motion: a model below it makes temporally coherent video),
     real      other real clips in order (the floor that this many videos allow).
   The table is printed and logged, every row is one line of WORKDIR/eval.jsonl ('verdict': true),
-  and WORKDIR/verdict/<task>.png shows the first evaluated videos of each task, enlarged, above the
-  real clips they were conditioned on.
+  and WORKDIR/verdict/<task>.png shows the first `sample.train_num_videos` evaluated videos of each
+  task, enlarged, each under the real clip it was conditioned on.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ BASELINES = ("noise", "shuffled", "real")
 VERDICT_TASKS = ("generate", "i2v", "interpolate")
 LOSS_PLOT = "loss.png"
 VERDICT_DIR = "verdict"
-SHEET_VIDEOS = 4  # videos per task on the verdict's contact sheets
 
 
 def validate_verdict_config(eval_config) -> None:
@@ -149,20 +148,21 @@ def task_features(config, sampler, detector, batch: int, real, real_stats, task:
     samples `num_videos` from noise (keys from `seed`); the zero-shot tasks (i2v, interpolate,
     extend) condition on the clips of the real set `real`, whose statistics `real_stats` are
     already known (and on their classes when `conditional`). keep: receives the first
-    SHEET_VIDEOS uint8 videos."""
+    sample.train_num_videos uint8 videos (the contact sheets)."""
     from fvdm_jax import evaluate
 
+    keep_count = int(config.sample.train_num_videos)
     if task == "generate":
         return evaluate.generated_features(sampler, num_videos, num_frames, detector, batch, seed,
                                            int(config.sample.batch_size), keep=keep,
-                                           keep_count=SHEET_VIDEOS)
+                                           keep_count=keep_count)
     task_config = config.copy_and_resolve_references()
     with task_config.unlocked():
         task_config.eval.task = task
         task_config.eval.seed = seed
     stats, _ = evaluate.zero_shot_features(task_config, sampler, real, num_frames, detector, batch,
                                            real_stats, conditional=conditional, keep=keep,
-                                           keep_count=SHEET_VIDEOS)
+                                           keep_count=keep_count)
     return stats
 
 

@@ -499,21 +499,11 @@ def test_fvd_during_training_with_the_real_sampler_and_i3d(tmp_path):
     """train() -> training_fvd at step 2: the real scan sampler, the real I3D weights, the demo
     clips as the real set; the FVD lands in metrics.jsonl and eval.jsonl."""
     from fvdm_jax.train import train
+    from tiny_demo import tiny_demo_config
 
-    config = load_config(os.path.join(CONFIGS, "demo.py"))
-    model = config.model
-    model.hidden_size, model.depth, model.num_heads, model.num_frames = 32, 2, 2, 9
-    config.mesh.shape = (1, 1, 1)
-    config.train.num_steps = 2
-    config.train.log_every_steps = 1
-    config.checkpoint.async_save = False
-    config.sample.every_steps = 0
-    config.sample.num_steps = 2
-    config.sample.batch_size = 2
+    config = tiny_demo_config()
     config.eval.every_steps = 2
     config.eval.train_num_videos = 2
-    config.eval.num_frames = 9
-    config.eval.batch_size = 2
     train(config, str(tmp_path))
 
     logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

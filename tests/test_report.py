@@ -9,6 +9,7 @@ from PIL import Image
 
 from fvdm_jax import report
 from fvdm_jax.config_utils import load_config
+from tiny_demo import tiny_demo_config
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
@@ -58,19 +59,8 @@ def test_verdict_of_a_tiny_demo_model(tmp_path):
     row per task and baseline in eval.jsonl, the table, and the contact sheets."""
     from fvdm_jax.train import train
 
-    config = load_config(os.path.join(ROOT, "configs", "demo.py"))
-    model = config.model
-    model.hidden_size, model.depth, model.num_heads, model.num_frames = 32, 2, 2, 9
-    config.mesh.shape = (1, 1, 1)
-    config.train.num_steps = 2
-    config.train.log_every_steps = 1
-    config.checkpoint.async_save = False
-    config.sample.every_steps = 0
-    config.sample.num_steps = 2
-    config.sample.batch_size = 2
+    config = tiny_demo_config()
     config.eval.num_videos = 2
-    config.eval.batch_size = 2
-    config.eval.num_frames = 9
     workdir = str(tmp_path)
     train(config, workdir)
     report.finish_training(config, workdir)

@@ -37,6 +37,7 @@ def get_config() -> config_dict.ConfigDict:
     diffusion.beta_schedule = "linear"  # linear / cosine
     diffusion.beta_start = 1e-4  # linear only; scaled by 1000/T as the official schedule
     diffusion.beta_end = 0.02
+    diffusion.prediction = "eps"  # eps (official) / v: what the model's output channels predict
 
     # PTSS: with probability p the frames of a video get independent timesteps.
     config.ptss = ptss = config_dict.ConfigDict()
@@ -96,6 +97,7 @@ def get_config() -> config_dict.ConfigDict:
     train.donate_state = True  # donate the train state's buffers to the step (updates in place)
     train.log_every_steps = 100
     train.peak_flops_per_device = config_dict.placeholder(float)  # for MFU; None = by device kind
+    train.allow_recipe_change = False  # resume a checkpoint with other model/diffusion/ptss/data/train keys
 
     # Checkpoints under WORKDIR/checkpoints (orbax; the same path on every host).
     config.checkpoint = checkpoint = config_dict.ConfigDict()

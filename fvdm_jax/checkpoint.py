@@ -110,7 +110,9 @@ def _state_snapshot(data_iter):
 class TrainCheckpointer:
     """An orbax CheckpointManager over WORKDIR/checkpoints; the same path on every host."""
 
-    def __init__(self, workdir: str, checkpoint_config: Mapping[str, Any]):
+    def __init__(self, workdir: str, checkpoint_config: Mapping[str, Any], read_only: bool = False):
+        """read_only (sampling, evaluation, export): never creates WORKDIR/checkpoints; a missing
+        folder is a FileNotFoundError that says to train first."""
         import orbax.checkpoint as ocp
 
         unknown = sorted(set(checkpoint_config.keys()) - set(CHECKPOINT_KEYS))
@@ -122,10 +124,17 @@ class TrainCheckpointer:
             raise ValueError("checkpoint.every_steps and checkpoint.keep must be at least 1")
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.every_steps = int(checkpoint_config["every_steps"])
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(
+                f"no checkpoint under {self.directory}: train first (--mode=train), or set "
+                f"--config.sample.checkpoint=DIR (an exported or converted inference checkpoint)"
+            )
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=self.every_steps,
             max_to_keep=int(checkpoint_config["keep"]),
             enable_async_checkpointing=bool(checkpoint_config["async_save"]),
+            read_only=read_only,
+            create=not read_only,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data_iter", "config")
@@ -164,6 +173,20 @@ class TrainCheckpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
         return serialization.from_state_dict(abstract_state, restored["state"])
+
+    def restore_ema(self, step: int, abstract_ema):
+        """Only the EMA weights of the checkpoint at `step`, onto abstract_ema ({'params': ...}
+        of ShapeDtypeStructs with shardings): a partial restore that reads no optimizer state
+        and no raw weights (about a quarter of the state's bytes)."""
+        import orbax.checkpoint as ocp
+
+        target = {"ema_params": abstract_ema}
+        path = os.path.join(self.directory, str(step), "state")
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+                target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True))
+        return restored["ema_params"]
 
     def restore_data_iter(self, step: int, data_iter):
         """Restores the grain iterator's position in place."""

@@ -57,8 +57,10 @@ def _train(config, workdir):
 
     validate_verdict_config(config.eval)
     result = train(config, workdir)
-    if not result.preempted:
-        finish_training(config, workdir)
+    if result.preempted:
+        # Saved and stopped early (SIGTERM / preemption: 143, Ctrl-C: 130): rerun to resume.
+        sys.exit(result.exit_code)
+    finish_training(config, workdir)
 
 
 def _export(config, workdir):

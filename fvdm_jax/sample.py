@@ -35,6 +35,7 @@ import os
 import time
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +43,7 @@ import numpy as np
 from fvdm_jax import media
 from fvdm_jax import sharding as shd
 from fvdm_jax.diffusion import tasks
+from fvdm_jax.diffusion.gaussian import eps_output
 from fvdm_jax.diffusion.samplers import POLICIES, SAMPLERS, cfg_model_fn, make_sampler
 from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.models.dit import model_from_config
@@ -155,13 +157,7 @@ class VideoSampler:
             self._model_fn, self.schedule, sampler=s.sampler, eta=float(s.eta),
             clip_denoised=bool(s.clip_denoised),
         )
-        rng = jax.random.key(0)
-        f, h, c = self.num_frames, self.input_size, self.channels
-        labels = jnp.zeros((1,), jnp.int32) if self.num_classes else None
-        boxed = jax.eval_shape(
-            lambda r: self.model.init(r, jnp.zeros((1, f, h, h, c)), jnp.zeros((1, f)), labels),
-            rng,
-        )
+        boxed = _boxed_params(self.model, m)
         self.param_shardings = shd.logical_shardings(boxed, self.mesh, self.rules)
         self.params = None if params is None else self.place_params(params)
 
@@ -194,10 +190,13 @@ class VideoSampler:
             return self.model.apply(params, x, tau, labels if self.num_classes else None)
 
         if self.num_classes and self.cfg_scale != 1.0:
-            return cfg_model_fn(apply, labels, self.num_classes, self.cfg_scale, self.channels)(
+            out = cfg_model_fn(apply, labels, self.num_classes, self.cfg_scale, self.channels)(
                 x, tau
             )
-        return apply(x, tau, labels)
+        else:
+            out = apply(x, tau, labels)
+        # Guidance is linear in the prediction at a fixed x, so it commutes with this conversion.
+        return eps_output(self.schedule, out, x, tau)
 
     def _vae_model(self):
         if self._vae is None:
@@ -448,21 +447,42 @@ def load_sampling_params(config, workdir: str):
         params, saved = load_inference_checkpoint(path)
         logging.info("sampling with the inference checkpoint %s", path)
         return saved["model"], saved["diffusion"], _unwrap(params)
-    from fvdm_jax.train import build_setup
+    from fvdm_jax.recipe import weights_config
 
-    setup = build_setup(config)
-    ckpt = TrainCheckpointer(workdir, config.checkpoint)
-    latest = ckpt.latest_step()
-    if latest is None:
+    ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)
+    try:
+        latest = ckpt.latest_step()
+        if latest is None:
+            raise FileNotFoundError(
+                f"no checkpoint under {ckpt.directory}: train first, or set "
+                f"--config.sample.checkpoint=DIR (an exported or converted inference checkpoint)"
+            )
+        model_config, diffusion_config = weights_config(ckpt.saved_config(latest), config)
+        mesh = shd.make_mesh(config.mesh)
+        ema = ckpt.restore_ema(latest, abstract_params(model_config, mesh, shd.rules_from_config(config.mesh)))
+    finally:
         ckpt.close()
-        raise FileNotFoundError(
-            f"no checkpoint under {ckpt.directory}: train first, or set "
-            f"--config.sample.checkpoint=DIR (an exported or converted inference checkpoint)"
-        )
-    state = ckpt.restore_state(latest, setup.abstract_state)
-    ckpt.close()
     logging.info("sampling with the EMA parameters of step %d (%s)", latest, ckpt.directory)
-    return dict(config.model), dict(config.diffusion), state.ema_params
+    return model_config, diffusion_config, ema
+
+
+def abstract_params(model_config, mesh, rules):
+    """{'params': ...} of ShapeDtypeStructs with their logical shardings on `mesh`."""
+    model = model_from_config(model_config)
+    boxed = _boxed_params(model, model_config)
+    shardings = shd.logical_shardings(boxed, mesh, rules)
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.meta.unbox(boxed), shardings)
+
+
+def _boxed_params(model, model_config):
+    f, h, c = (int(model_config[k]) for k in ("num_frames", "input_size", "in_channels"))
+    labels = jnp.zeros((1,), jnp.int32) if int(model_config.get("num_classes") or 0) else None
+    return jax.eval_shape(
+        lambda r: model.init(r, jnp.zeros((1, f, h, h, c)), jnp.zeros((1, f)), labels),
+        jax.random.key(0),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -565,7 +585,7 @@ def weights_identity(config, workdir: str) -> str:
         return os.path.abspath(config.sample.checkpoint)
     from fvdm_jax.checkpoint import TrainCheckpointer
 
-    ckpt = TrainCheckpointer(workdir, config.checkpoint)
+    ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)
     try:
         return f"{ckpt.directory} step {ckpt.latest_step()}"
     finally:

@@ -8,6 +8,7 @@ mesh axis does not divide stays replicated along that axis.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -67,6 +68,9 @@ def make_mesh(mesh_config: Mapping[str, Any], devices=None) -> Mesh:
             f"config.mesh.shape={shape} uses {n} of {len(devices)} devices; a multi-process run "
             f"must use them all (set one size to -1)"
         )
+    if n != len(devices):
+        logging.warning("config.mesh.shape=%s uses %d of %d devices; the other %d stay idle (set "
+                        "one size to -1 to use them all)", shape, n, len(devices), len(devices) - n)
     return jax.make_mesh(
         shape,
         axes,

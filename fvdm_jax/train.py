@@ -24,6 +24,7 @@ from fvdm_jax import sharding as shd
 from fvdm_jax.checkpoint import TrainCheckpointer, save_inference_checkpoint
 from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.models.dit import DiT, model_from_config
+from fvdm_jax.recipe import check_resume, weights_config
 from fvdm_jax.train_step import (
     JittedTrainStep,
     TrainState,
@@ -46,9 +47,10 @@ class NonFiniteError(RuntimeError):
 class TrainResult:
     state: TrainState
     step: int  # the last completed step
-    preempted: bool  # stopped early by SIGTERM / a preemption notice (checkpoint saved)
+    preempted: bool  # stopped early by SIGTERM / SIGINT / a preemption notice (checkpoint saved)
     compilations: int  # how many times the train step was traced (1 for a healthy run)
     first_step_sec: float | None  # wall time of the run's first step: mostly compilation
+    exit_code: int = 0  # for the process: 0 finished, EXIT_SIGTERM / EXIT_SIGINT preempted
 
 
 def validate_config(config) -> None:
@@ -122,27 +124,46 @@ def _mean_metrics(pending) -> dict:
     return {k: float(v) for k, v in jax.device_get(stacked).items()}
 
 
+# Exit codes of a run that stopped early with its checkpoint saved (128 + the signal, as a shell
+# reports it): a requeue wrapper can tell "preempted, resume me" from "finished" (0).
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: SIGTERM or a multi-host preemption notice
+EXIT_SIGINT = 128 + signal.SIGINT  # 130: the first Ctrl-C
+
+
 class _Preemption:
-    """SIGTERM sets a flag that the loop checks at step boundaries (no device sync)."""
+    """SIGTERM and the first SIGINT set a flag that the loop checks at step boundaries (no device
+    sync); the run then saves and stops. A second SIGINT aborts at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
         return self
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary")
-        self.requested = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt("second Ctrl-C: stopped without saving")
+        name = signal.Signals(signum).name
+        hint = "; press Ctrl-C again to stop without saving" if signum == signal.SIGINT else ""
+        logging.warning("%s received: saving a checkpoint at the next step boundary%s", name, hint)
+        if self.signum is None or signum == signal.SIGINT:
+            self.signum = signum
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class DevicePrefetcher:
@@ -208,9 +229,9 @@ def _periodic(every, done: int) -> bool:
 
 def _check_finite(state: TrainState, last_saved: int | None):
     bad = int(jax.device_get(state.first_nonfinite_step))
-    if bad >= 0:
+    if bad >= 0:  # the 0-based index of the step; metrics and checkpoints count from 1
         raise NonFiniteError(
-            f"non-finite loss, gradient or update at step {bad}; the last checkpoint is step "
+            f"non-finite loss, gradient or update at step {bad + 1}; the last checkpoint is step "
             f"{last_saved} and nothing later was saved; lower train.lr or set train.grad_clip"
         )
 
@@ -240,6 +261,7 @@ def train(
         state = create_state(setup, int(train_cfg.seed))
         start = 0
     else:
+        check_resume(ckpt.saved_config(latest), config, latest, ckpt.directory)
         state = ckpt.restore_state(latest, setup.abstract_state)
         start = int(jax.device_get(state.step))
         logging.info("resumed from %s at step %d", ckpt.directory, start)
@@ -345,14 +367,19 @@ def train(
                 if ckpt.save(done, state, batches, record, force=final):
                     last_saved = done
             if stop:
-                logging.warning("stopped at step %d after preemption; checkpoint saved", done)
+                logging.warning("stopped at step %d (%s); checkpoint saved", done,
+                                signal.Signals(preemption.signum).name if preemption.signum
+                                else "preemption notice")
                 break
     batches.close()
     ckpt.wait_until_finished()
     ckpt.close()
     logger.close()
     logging.info("train step compiled %d time(s)", step_fn.traces)
-    return TrainResult(state, done, stop, step_fn.traces, first_step_sec)
+    exit_code = 0
+    if stop:
+        exit_code = EXIT_SIGINT if preemption.signum == signal.SIGINT else EXIT_SIGTERM
+    return TrainResult(state, done, stop, step_fn.traces, first_step_sec, exit_code)
 
 
 def _config_record(config, setup: Setup) -> dict:
@@ -393,13 +420,26 @@ def _peak_flops(train_cfg) -> float | None:
     return next((v for k, v in PEAK_FLOPS_BY_DEVICE_KIND.items() if kind.startswith(k)), None)
 
 
+def _with_saved_weights_config(config, saved: dict):
+    """config with the model and diffusion sections the checkpoint was trained with."""
+    import ml_collections
+
+    model, diffusion = weights_config(saved, config)
+    merged = ml_collections.ConfigDict(config.to_dict())
+    merged.model, merged.diffusion = ml_collections.ConfigDict(model), ml_collections.ConfigDict(diffusion)
+    return merged
+
+
 def export(config, workdir: str, output: str | None = None, devices=None) -> str:
-    """Writes the EMA parameters of the latest checkpoint as an inference checkpoint."""
-    setup = build_setup(config, devices)
-    ckpt = TrainCheckpointer(workdir, config.checkpoint)
+    """Writes the EMA parameters of the latest checkpoint as an inference checkpoint, with the
+    model and diffusion config the checkpoint was trained with."""
+    ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)
     latest = ckpt.latest_step()
     if latest is None:
+        ckpt.close()
         raise FileNotFoundError(f"no checkpoint under {ckpt.directory} to export; train first")
+    config = _with_saved_weights_config(config, ckpt.saved_config(latest))
+    setup = build_setup(config, devices)
     state = ckpt.restore_state(latest, setup.abstract_state)
     ckpt.close()
     output = output or config.checkpoint.get("export_dir") or os.path.join(
@@ -410,4 +450,3 @@ def export(config, workdir: str, output: str | None = None, devices=None) -> str
         save_inference_checkpoint(output, ema, config.model, config.diffusion)
     logging.info("exported EMA parameters of step %d to %s", latest, output)
     return output
-

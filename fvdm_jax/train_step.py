@@ -40,6 +40,7 @@ TRAIN_KEYS = (
     "log_every_steps",
     "peak_flops_per_device",
     "donate_state",
+    "allow_recipe_change",
 )
 LR_SCHEDULES = ("constant", "warmup_cosine")
 
@@ -69,6 +70,16 @@ def validate_train_config(train: Mapping[str, Any], ptss: Mapping[str, Any]):
         )
     if not 0.0 <= float(train["ema_decay"]) <= 1.0:
         raise ValueError(f"train.ema_decay={train['ema_decay']} must lie in [0, 1]")
+    if not float(train["lr"]) > 0.0:
+        raise ValueError(f"train.lr={train['lr']} must be > 0")
+    for key in ("end_lr", "weight_decay", "warmup_steps", "grad_clip_start_step"):
+        if not float(train[key]) >= 0.0:
+            raise ValueError(f"train.{key}={train[key]} must be >= 0")
+    for key in ("b1", "b2"):
+        if not 0.0 <= float(train[key]) < 1.0:
+            raise ValueError(f"train.{key}={train[key]} must lie in [0, 1)")
+    if not float(train["eps"]) > 0.0:
+        raise ValueError(f"train.eps={train['eps']} must be > 0")
     unknown = sorted(set(ptss.keys()) - {"p", "mode"})
     if unknown:
         raise ValueError(f"unknown ptss config keys {unknown}; known keys: ['mode', 'p']")

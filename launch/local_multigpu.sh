@@ -25,6 +25,8 @@
 #   LOG_DIR           $WORKDIR/logs if WORKDIR is local, else ./logs
 #                                              where processes 1..N-1 write their output
 #   PYTHON            python                   the interpreter (activate your virtualenv first)
+#   GRACE_SECONDS     60                       after a failure or a signal: how long the other
+#                                              processes get to save and exit before SIGKILL
 set -euo pipefail
 
 if (($# < 2)); then
@@ -70,12 +72,39 @@ fi
 mkdir -p "$LOG_DIR"
 
 pids=()
-stop_all() {  # ends the processes this script started that are still running
+GRACE_SECONDS="${GRACE_SECONDS:-60}"
+stop_all() {
+  # SIGTERM to the processes still running: each saves a checkpoint at its next step boundary
+  # and exits 143. A process stuck in a collective whose peer died never reaches a step
+  # boundary, so whatever still runs after GRACE_SECONDS gets SIGKILL.
+  local pid alive waited=0
   for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  while ((waited < GRACE_SECONDS)); do
+    alive=0
+    for pid in "${pids[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then alive=1; fi
+    done
+    ((alive)) || return 0
+    sleep 1
+    waited=$((waited + 1))
+  done
+  for pid in "${pids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "process $pid did not stop within ${GRACE_SECONDS}s; killing it" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
   done
 }
-trap 'stop_all; exit 130' INT TERM
+on_signal() {  # Ctrl-C / SIGTERM to this script: the processes save and stop, then exit $1
+  echo "stopping: every process saves and exits (SIGKILL after ${GRACE_SECONDS}s)" >&2
+  stop_all
+  wait || true
+  exit "$1"
+}
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
 
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   flags=(--coordinator_address="localhost:$COORDINATOR_PORT" --num_processes="$NUM_PROCESSES"

@@ -203,3 +203,46 @@ def test_off_grid_and_degenerate_steps(schedule):
     mid, _ = ddim_step(schedule, f32(out), f32(x), np.full(SHAPE[:2], 300.5), np.full(SHAPE[:2], 200))
     between = (np.minimum(lo, hi) - 1e-5 <= mid) & (mid <= np.maximum(lo, hi) + 1e-5)
     assert between.all()
+
+
+def test_v_prediction_is_an_exact_reparameterization(schedule):
+    from fvdm_jax.diffusion.gaussian import eps_output, predict_eps_from_v, v_target
+
+    with pytest.raises(ValueError, match="diffusion.prediction='x0' is not one of"):
+        Schedule(prediction="x0")
+    vsched = Schedule(prediction="v")
+    x0, noise = _rand(30, scale=0.5), _rand(31)
+    t = np.array([[0, 100, 600, 999], [999, 999, 3, 3]])
+    x_t = np.asarray(q_sample(vsched, x0, t, noise), np.float32)
+    v = np.asarray(v_target(vsched, x0, t, noise), np.float32)
+    # v = sqrt(abar) eps - sqrt(1 - abar) x0 against float64 tables; eps comes back from (x_t, v).
+    abar = schedule.alphas_cumprod[t][..., None, None, None]
+    _close(v, np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0)
+    _close(predict_eps_from_v(vsched, x_t, t, v), noise, tol=1e-5)
+
+    var = np.tanh(_rand(32)).astype(np.float32)
+    exact_v = loss_terms(vsched, np.concatenate([v, var], -1), x0, x_t, t, noise)
+    exact_eps = loss_terms(schedule, np.concatenate([noise, var], -1).astype(np.float32),
+                           x0, x_t, t, noise)
+    np.testing.assert_allclose(exact_v["mse"], 0.0, atol=1e-10)
+    _close(exact_v["pred_xstart"], x0, tol=1e-4)
+    # The variance term reads the eps the v output implies: the same bound as the eps model's.
+    np.testing.assert_allclose(exact_v["vb"], exact_eps["vb"], rtol=2e-3, atol=1e-6)
+
+    # An imperfect v output: the mse is against v (not eps), and the x_0 error at t = 999 is the
+    # v error times sqrt(1 - abar) (~1), not the eps error times sqrt(1 / abar - 1) (~150).
+    err = 0.01 * _rand(33).astype(np.float32)
+    terms = loss_terms(vsched, np.concatenate([v + err, var], -1), x0, x_t, t, noise)
+    np.testing.assert_allclose(terms["mse"], np.mean(np.square(err), axis=(1, 2, 3, 4)),
+                               rtol=1e-3)
+    x0_err = np.abs(np.asarray(terms["pred_xstart"]) - x0)[0, 3]
+    assert x0_err.max() <= 1.01 * np.abs(err[0, 3]).max() + 1e-4
+
+    # Samplers see eps: a DDIM step on the converted v output is the eps model's step.
+    out = eps_output(vsched, jnp.concatenate([v, var], -1), x_t, t)
+    np.testing.assert_array_equal(np.asarray(out)[..., 2:], var)
+    t_next = np.maximum(t - 50, -1)
+    from_v, _ = ddim_step(vsched, out, x_t, t, t_next)
+    from_eps, _ = ddim_step(schedule, np.concatenate([noise, var], -1).astype(np.float32),
+                            x_t, t, t_next)
+    _close(from_v, from_eps, tol=1e-4)

@@ -68,6 +68,30 @@ def test_train_then_export_from_the_command_line(tmp_path):
     assert config["model"]["hidden_size"] == 32 and "params" in params
 
 
+def test_sigterm_exits_143_after_saving_and_a_rerun_resumes(tmp_path):
+    """What a requeue wrapper sees: 143 (not 0) with a checkpoint; the rerun resumes from it."""
+    import signal
+    import time
+
+    workdir = str(tmp_path / "run")
+    args = (f"--config={TINY}", f"--workdir={workdir}", "--config.train.num_steps=100000",
+            "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=100000")
+    proc = run_main(*args, devices=1)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.isfile(metrics) and os.path.getsize(metrics) > 0) and proc.poll() is None:
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish(proc)
+    assert code == 143, err[-3000:]
+    saved = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 1, saved
+    code, _, err = finish(run_main(*args[:2], f"--config.train.num_steps={saved[0] + 1}", devices=1))
+    assert code == 0, err[-3000:]
+    assert "resumed from" in err and f"at step {saved[0]}" in err, err[-3000:]
+
+
 @pytest.mark.parametrize(
     "flag, message",
     [

@@ -61,6 +61,7 @@ def test_verdict_of_a_tiny_demo_model(tmp_path):
 
     config = tiny_demo_config()
     config.eval.num_videos = 2
+    config.eval.baselines = ("noise", "shuffled", "real")
     workdir = str(tmp_path)
     train(config, workdir)
     report.finish_training(config, workdir)

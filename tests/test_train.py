@@ -4,6 +4,7 @@ and the XL recipe's sharded state built abstractly."""
 
 import json
 import os
+import re
 import signal
 
 import jax
@@ -114,41 +115,121 @@ def test_restore_onto_another_mesh(reference_run, tmp_path_factory):
         np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_sigterm_saves_the_current_step_and_stops(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_the_current_step_and_stops(tmp_path, signum, code):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
     def hook(step):
         if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
 
     result = train(tiny_config(), str(tmp_path), step_hook=hook)
-    assert result.preempted and result.step == 2
+    assert result.preempted and result.step == 2 and result.exit_code == code
     ckpt = TrainCheckpointer(str(tmp_path), tiny_config().checkpoint)
     assert ckpt.latest_step() == 2
     ckpt.close()
-    # The handler is uninstalled afterwards.
-    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler, None) or callable(
-        signal.getsignal(signal.SIGTERM)
-    )
+    # The handlers are uninstalled afterwards: the ones installed before are back.
+    assert {s: signal.getsignal(s) for s in before} == before
+    # A finished run says 0.
+    assert train(tiny_config(), str(tmp_path / "other")).exit_code == 0
+
+
+def test_a_second_ctrl_c_stops_without_saving(tmp_path):
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup, default_int_handler else
+
+    def hook(step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match="second Ctrl-C"):
+        train(tiny_config(), str(tmp_path), step_hook=hook)
+    ckpt = TrainCheckpointer(str(tmp_path), tiny_config().checkpoint)
+    assert ckpt.latest_step() is None
+    ckpt.close()
+    assert signal.getsignal(signal.SIGINT) == before
 
 
 def test_non_finite_loss_stops_before_checkpointing(tmp_path):
-    config = tiny_config(**{"train.lr": float("nan"), "checkpoint.every_steps": 1})
-    with pytest.raises(NonFiniteError, match="at step 0"):
+    # lr 1e15: the first update is finite, the weights then overflow. Steps count from 1.
+    config = tiny_config(**{"train.lr": 1e15, "checkpoint.every_steps": 1})
+    with pytest.raises(NonFiniteError, match=r"at step (\d+); the last checkpoint is step") as info:
         train(config, str(tmp_path))
+    bad = int(re.search(r"at step (\d+);", str(info.value)).group(1))
     ckpt = TrainCheckpointer(str(tmp_path), config.checkpoint)
-    assert ckpt.latest_step() is None
+    latest = ckpt.latest_step()
     ckpt.close()
+    assert bad >= 2 and latest == bad - 1, (bad, latest)  # every finite step saved, no later one
+    metrics = read_losses(str(tmp_path))
+    assert len(metrics) == bad - 1 and all(np.isfinite(metrics))
+
+
+@pytest.mark.parametrize("key, value", [("train.lr", -1.0), ("train.lr", float("nan")),
+                                        ("train.b2", 1.0), ("train.warmup_steps", -5)])
+def test_bad_optimizer_values_fail_at_once(tmp_path, key, value):
+    with pytest.raises(ValueError, match=rf"{re.escape(key)}={value}"):
+        train(tiny_config(**{key: value}), str(tmp_path))
 
 
 def test_export_writes_ema_inference_checkpoint(reference_run, tmp_path):
     workdir = str(tmp_path)
     config = tiny_config(**{"train.num_steps": 1})
-    train(config, workdir)
+    result = train(config, workdir)
     out = export(config, workdir)
     params, saved = load_inference_checkpoint(out)
     assert saved["model"]["hidden_size"] == 32
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
         jax.device_get(reference_run[0].state.ema_params)
     )
+    # The EMA weights, not the raw ones (after one step from the same init they differ).
+    for exported, ema, raw in zip(leaves(params), leaves(result.state.ema_params), leaves(result.state.params)):
+        np.testing.assert_array_equal(exported, ema)
+    assert any(not np.array_equal(e, r) for e, r in zip(leaves(result.state.ema_params), leaves(result.state.params)))
+
+    # A command line with another model/diffusion config exports the weights' own config.
+    changed = tiny_config(**{"train.num_steps": 1, "model.hidden_size": 64, "diffusion.beta_schedule": "cosine"})
+    out = export(changed, workdir, output=str(tmp_path / "export_changed"))
+    params_changed, saved_changed = load_inference_checkpoint(out)
+    assert saved_changed["model"]["hidden_size"] == 32
+    assert saved_changed["diffusion"]["beta_schedule"] == "linear"
+    for a, b in zip(leaves(params_changed), leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("recipe"))
+    train(tiny_config(**{"train.num_steps": 1}), workdir)
+    return workdir
+
+
+@pytest.mark.parametrize("key, value", [
+    ("model.hidden_size", 64),  # a parameter shape: would fail deep inside orbax
+    ("diffusion.beta_schedule", "cosine"),  # the objective
+    ("diffusion.num_timesteps", 500),
+    ("ptss.p", 0.5),
+    ("data.seed", 7),  # the data stream
+    ("train.batch_size", 16),
+    ("train.lr", 3e-4),
+])
+def test_resume_refuses_a_changed_recipe(one_step_run, key, value):
+    config = tiny_config(**{"train.num_steps": 2, key: value})
+    saved = tiny_config()[key.split(".")[0]][key.split(".")[1]]
+    with pytest.raises(ValueError, match=rf"trained with another recipe: {key}: {saved!r} -> {value!r}\. "
+                                          r".*allow_recipe_change=True"):
+        train(config, one_step_run)
+
+
+def test_resume_allows_operational_changes_and_a_deliberate_recipe_change(one_step_run, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(one_step_run, workdir)
+    operational = {"train.num_steps": 2, "train.log_every_steps": 2, "data.device_prefetch": 0,
+                   "mesh.shape": (2, 2, 2), "checkpoint.every_steps": 7}
+    assert train(tiny_config(**operational), workdir).step == 2
+    result = train(tiny_config(**{"train.num_steps": 3, "train.lr": 3e-4, "train.allow_recipe_change": True}), workdir)
+    assert result.step == 3
 
 
 @pytest.mark.parametrize(
@@ -201,3 +282,39 @@ def test_demo_config_trains_on_the_shipped_clips(tmp_path):
     config.checkpoint.async_save = False
     result = train(config, str(tmp_path))
     assert result.step == 2 and all(np.isfinite(read_losses(str(tmp_path))))
+
+
+def test_sampling_restores_only_the_ema_weights(one_step_run, tmp_path):
+    from fvdm_jax.sample import load_sampling_params
+
+    config = tiny_config()
+    model_config, diffusion_config, ema = load_sampling_params(config, one_step_run)
+    full = TrainCheckpointer(one_step_run, config.checkpoint)
+    state = full.restore_state(1, build_setup(config).abstract_state)
+    full.close()
+    for a, b in zip(leaves(ema), leaves(state.ema_params)):
+        np.testing.assert_array_equal(a, b)
+    assert model_config["hidden_size"] == 32 and diffusion_config["beta_schedule"] == "linear"
+
+    # A checkpoint that holds nothing but the step and the EMA weights samples just the same:
+    # neither the optimizer state nor the raw weights are read.
+    stripped = str(tmp_path / "ema_only")
+    ckpt = TrainCheckpointer(stripped, config.checkpoint)
+    ckpt.save(1, {"step": state.step, "ema_params": state.ema_params}, None, config.to_dict(), force=True)
+    ckpt.wait_until_finished()
+    ckpt.close()
+    _, _, ema_only = load_sampling_params(config, stripped)
+    for a, b in zip(leaves(ema_only), leaves(state.ema_params)):
+        np.testing.assert_array_equal(a, b)
+
+    # The weights' own shapes win over a command line that differs.
+    model_config, _, _ = load_sampling_params(tiny_config(**{"model.hidden_size": 64}), one_step_run)
+    assert model_config["hidden_size"] == 32
+
+    # No checkpoint: one clear error, and no WORKDIR/checkpoints is created.
+    empty = tmp_path / "empty"
+    with pytest.raises(FileNotFoundError, match="train first"):
+        load_sampling_params(config, str(empty))
+    with pytest.raises(FileNotFoundError, match="train first"):
+        export(config, str(empty))
+    assert not os.path.exists(empty / "checkpoints")

@@ -34,6 +34,38 @@ def predict_eps_from_xstart(schedule: Schedule, x_t, tau, x_start):
     return (jnp.exp(-0.5 * log_abar) * x_t - x_start) / jnp.sqrt(jnp.expm1(-log_abar))
 
 
+def predict_eps_from_v(schedule: Schedule, x_t, tau, v):
+    """eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t."""
+    log_abar = _log_abar(schedule, tau, x_t.ndim)
+    return jnp.exp(0.5 * log_abar) * v + jnp.sqrt(-jnp.expm1(log_abar)) * x_t
+
+
+def v_target(schedule: Schedule, x_start, tau, noise):
+    """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, per frame."""
+    log_abar = _log_abar(schedule, tau, x_start.ndim)
+    return jnp.exp(0.5 * log_abar) * noise - jnp.sqrt(-jnp.expm1(log_abar)) * x_start
+
+
+def prediction_target(schedule: Schedule, x_start, tau, noise):
+    """What the model's first C channels are trained to predict (schedule.prediction)."""
+    if schedule.prediction == "v":
+        return v_target(schedule, x_start, tau, noise)
+    return noise
+
+
+def eps_output(schedule: Schedule, model_output, x_t, tau):
+    """The model output with its first C channels as eps, whatever schedule.prediction is.
+
+    Every sampler and the variational-bound term read eps from the output; this is the one place
+    where another parameterization becomes eps (the variance channels pass through).
+    """
+    if schedule.prediction == "eps":
+        return model_output
+    channels = x_t.shape[-1]
+    eps = predict_eps_from_v(schedule, x_t, tau, model_output[..., :channels])
+    return jnp.concatenate([eps, model_output[..., channels:]], axis=-1)
+
+
 def _next(tau, tau_next):
     return jnp.asarray(tau) - 1 if tau_next is None else tau_next
 

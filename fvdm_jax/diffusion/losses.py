@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from fvdm_jax.diffusion.gaussian import (
+    eps_output,
     p_mean_variance,
+    prediction_target,
     predict_xstart_from_eps,
     q_posterior_mean_variance,
     q_sample,
@@ -78,11 +80,14 @@ def loss_terms(schedule: Schedule, model_output, x_start, x_t, tau, noise, *, le
     """Training terms from a model output that was computed at (x_t, tau).
 
     Returns a dict of per-sample (B,) 'loss', 'mse' (and 'vb' when learn_sigma) plus
-    'pred_xstart' (B, F, H, W, C), the x_0 implied by the predicted eps.
+    'pred_xstart' (B, F, H, W, C), the x_0 implied by the prediction. 'mse' is against the
+    target of schedule.prediction (eps, the official loss, or v); vb reads the eps it implies.
     """
     channels = x_start.shape[-1]
-    eps_pred = model_output[..., :channels]
-    terms = {"mse": mean_flat(jnp.square(noise - eps_pred))}
+    pred = model_output[..., :channels]
+    target = prediction_target(schedule, x_start, tau, noise)
+    terms = {"mse": mean_flat(jnp.square(target - pred))}
+    eps_pred = eps_output(schedule, model_output, x_t, tau)[..., :channels]
     if learn_sigma:
         frozen = jnp.concatenate(
             [jax.lax.stop_gradient(eps_pred), model_output[..., channels:]], axis=-1

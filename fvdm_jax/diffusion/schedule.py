@@ -21,6 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 BETA_SCHEDULES = ("linear", "cosine")
+# What the model's first C output channels mean: 'eps' the noise (the official FVDM/Latte/DiT
+# target), 'v' = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho), whose x_0 error is
+# not amplified by 1 / sqrt(alpha_bar) at high noise. Losses and samplers convert to eps.
+PREDICTIONS = ("eps", "v")
 
 
 def make_betas(
@@ -62,10 +66,15 @@ class Schedule:
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    prediction: str = "eps"
     betas: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
     alphas_cumprod: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(
+                f"diffusion.prediction={self.prediction!r} is not one of {PREDICTIONS}"
+            )
         betas = make_betas(self.beta_schedule, self.num_timesteps, self.beta_start, self.beta_end)
         if not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError("betas must lie in (0, 1]; check diffusion.beta_start/beta_end")

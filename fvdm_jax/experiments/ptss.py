@@ -374,7 +374,10 @@ def run(argv) -> dict:
         model_config = config.copy_and_resolve_references()
         model_config.ptss.p = float(p)
         workdir = os.path.join(args.out, p_name(p))
-        train_model(model_config, workdir)
+        evaluated = all(os.path.isfile(os.path.join(workdir, "fvd", f"{t}_seed{s}.json"))
+                        for t in tasks for s in seeds)
+        if not evaluated:  # a model whose FVDs are all stored needs no weights (nor training)
+            train_model(model_config, workdir)
         rows += evaluate_model(model_config, workdir, p, tasks, seeds, args.num_videos, reals,
                                os.path.join(args.out, "sheets"))
     table = summarize(rows, ps, tasks)

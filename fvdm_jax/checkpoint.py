@@ -13,10 +13,14 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
+
+from fvdm_jax.errors import ConfigError
+from fvdm_jax.files import write_json
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -32,22 +36,32 @@ def _plain(config: Mapping[str, Any]) -> dict:
 def save_inference_checkpoint(
     directory: str, params, model_config: Mapping[str, Any], diffusion_config: Mapping[str, Any]
 ) -> str:
-    """Writes params + config.json to `directory` (created; must not hold a checkpoint yet)."""
+    """Writes params + config.json to `directory` (created; must not hold a checkpoint yet).
+
+    params: numpy arrays, or jax Arrays as they lie on the mesh; with several processes every
+    process calls this (each writes its own shards) and process 0 writes config.json."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
     params_dir = os.path.join(directory, PARAMS_DIR)
-    if os.path.exists(params_dir):
+    exists = os.path.exists(params_dir)
+    if jax.process_count() > 1:  # every process decides alike, before anyone writes
+        from jax.experimental import multihost_utils
+
+        exists = bool(multihost_utils.broadcast_one_to_all(np.asarray(exists)))
+    if exists:
         raise FileExistsError(
             f"{params_dir} already exists; choose an empty output directory or remove it first"
         )
-    os.makedirs(directory, exist_ok=True)
+    if jax.process_index() == 0:
+        os.makedirs(directory, exist_ok=True)
+    params = jax.tree_util.tree_map(lambda a: a if isinstance(a, jax.Array) else np.asarray(a), params)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(params_dir, jax.tree_util.tree_map(np.asarray, params))
+    checkpointer.save(params_dir, params)
     checkpointer.wait_until_finished()
-    config = {"model": _plain(model_config), "diffusion": _plain(diffusion_config)}
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    if jax.process_index() == 0:
+        config = {"model": _plain(model_config), "diffusion": _plain(diffusion_config)}
+        write_json(os.path.join(directory, CONFIG_FILE), config, indent=2)
     return directory
 
 
@@ -62,7 +76,7 @@ def load_inference_config(directory: str) -> dict:
         config = json.load(f)
     for section in ("model", "diffusion"):
         if section not in config:
-            raise ValueError(f"{path} has no '{section}' section")
+            raise ConfigError(f"{path} has no '{section}' section")
     return config
 
 
@@ -84,7 +98,6 @@ def load_inference_checkpoint(directory: str, target=None):
 # ----------------------------------------------------------------------------------------------
 # Training checkpoints: state (params, EMA, optimizer) + data-iterator state + config JSON.
 
-CHECKPOINT_KEYS = ("every_steps", "keep", "async_save", "export_dir")
 
 
 def _state_snapshot(data_iter):
@@ -120,13 +133,8 @@ class TrainCheckpointer:
         folder is a FileNotFoundError that says to train first."""
         import orbax.checkpoint as ocp
 
-        unknown = sorted(set(checkpoint_config.keys()) - set(CHECKPOINT_KEYS))
-        if unknown:
-            raise ValueError(
-                f"unknown checkpoint config keys {unknown}; known keys: {list(CHECKPOINT_KEYS)}"
-            )
         if int(checkpoint_config["every_steps"]) < 1 or int(checkpoint_config["keep"]) < 1:
-            raise ValueError("checkpoint.every_steps and checkpoint.keep must be at least 1")
+            raise ConfigError("checkpoint.every_steps and checkpoint.keep must be at least 1")
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.every_steps = int(checkpoint_config["every_steps"])
         if read_only and not os.path.isdir(self.directory):

@@ -23,7 +23,8 @@ reporting scripts can use it anywhere. Only the config helpers import the model 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # Width of the sinusoidal timestep features fed to the timestep MLP; mirrors the default of
 # fvdm_jax.models.embeddings.TimestepEmbedder.frequency_dim (tests check they agree).
@@ -173,3 +174,21 @@ def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_s: float) -> f
             f"step_time_s={step_time_s} and peak_flops_per_s={peak_flops_per_s} must be positive"
         )
     return flops_per_step / step_time_s / peak_flops_per_s
+
+
+# bf16 dense matmul peaks per device, for the MFU estimate when train.peak_flops_per_device is unset.
+PEAK_FLOPS_BY_DEVICE_KIND = {
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+    """The bf16 dense peak of a device kind (jax's device_kind), None when unknown."""
+    return next((v for k, v in PEAK_FLOPS_BY_DEVICE_KIND.items() if device_kind.startswith(k)), None)

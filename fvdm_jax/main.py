@@ -52,37 +52,34 @@ def maybe_initialize_distributed() -> None:
 
 
 def _train(config, workdir):
-    from fvdm_jax.report import finish_training, validate_verdict_config
-    from fvdm_jax.train import train
+    from fvdm_jax.jobs.train import train_job
 
-    validate_verdict_config(config.eval)
-    result = train(config, workdir)
+    result = train_job(config, workdir)
     if result.preempted:
         # Saved and stopped early (SIGTERM / preemption: 143, Ctrl-C: 130): rerun to resume.
         sys.exit(result.exit_code)
-    finish_training(config, workdir)
 
 
 def _export(config, workdir):
-    from fvdm_jax.train import export
+    from fvdm_jax.jobs.export import export
 
     print(export(config, workdir))
 
 
 def _encode(config, workdir):
-    from fvdm_jax.encode import encode_dataset
+    from fvdm_jax.jobs.encode import encode_dataset
 
     print(encode_dataset(config, workdir))
 
 
 def _sample(config, workdir):
-    from fvdm_jax.sample import sample_job
+    from fvdm_jax.jobs.sample import sample_job
 
     print(sample_job(config, workdir))
 
 
 def _eval(config, workdir):
-    from fvdm_jax.evaluate import eval_job
+    from fvdm_jax.jobs.evaluate import eval_job
 
     print(eval_job(config, workdir))
 
@@ -95,6 +92,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
+    from fvdm_jax.config_schema import validate
+    from fvdm_jax.errors import ConfigError
+
+    try:  # the whole config once, before anything starts: one line for a bad key or value
+        validate(_CONFIG.value, near=config_flags.get_config_filename(flags.FLAGS["config"]))
+    except ConfigError as e:
+        print(f"fvdm_jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
     maybe_initialize_distributed()
     import jax
 
@@ -109,7 +114,8 @@ def main(argv):
     )
     try:
         MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, NonFiniteError) as e:
+        # What the user can fix, in one line; every other exception keeps its traceback.
         print(f"fvdm_jax: error: {e}", file=sys.stderr)
         sys.exit(1)
 

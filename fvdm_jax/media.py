@@ -10,12 +10,14 @@ file under the final name.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from fvdm_jax.data.clips import short_side_resize_crop, to_signed_unit
 from fvdm_jax.data.video import is_image_file, is_video_file, read_frames
+from fvdm_jax.errors import ConfigError
+from fvdm_jax.files import atomic_path
 
 
 def to_uint8(videos) -> np.ndarray:
@@ -41,15 +43,10 @@ def to_rgb(videos) -> np.ndarray:
 def _check_frames(frames) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(
+        raise ConfigError(
             f"frames of shape {frames.shape} and dtype {frames.dtype}; expected uint8 (F, H, W, 3)"
         )
     return frames
-
-
-def _temporary(path: str) -> str:
-    root, ext = os.path.splitext(path)
-    return f"{root}.tmp{os.getpid()}{ext}"
 
 
 def write_mp4(path: str, frames, fps: int = 8, *, crf: int = 17) -> str:
@@ -60,8 +57,7 @@ def write_mp4(path: str, frames, fps: int = 8, *, crf: int = 17) -> str:
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    tmp = _temporary(path)
-    with av.open(tmp, mode="w") as container:
+    with atomic_path(path) as tmp, av.open(tmp, mode="w") as container:
         stream = container.add_stream("libx264", rate=int(fps))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -71,7 +67,6 @@ def write_mp4(path: str, frames, fps: int = 8, *, crf: int = 17) -> str:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    os.replace(tmp, path)
     return path
 
 
@@ -81,16 +76,15 @@ def write_gif(path: str, frames, fps: int = 8) -> str:
 
     frames = _check_frames(frames)
     images = [Image.fromarray(frame) for frame in frames]
-    tmp = _temporary(path)
-    images[0].save(
-        tmp,
-        format="GIF",
-        save_all=True,
-        append_images=images[1:],
-        duration=max(int(round(1000 / fps)), 10),
-        loop=0,
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        images[0].save(
+            tmp,
+            format="GIF",
+            save_all=True,
+            append_images=images[1:],
+            duration=max(int(round(1000 / fps)), 10),
+            loop=0,
+        )
     return path
 
 
@@ -104,9 +98,9 @@ def frame_grid(videos, pad: int = 1, pad_value: int = 255, scale: int = 1) -> np
     each frame enlarged `scale` times (nearest neighbour: every generated pixel stays visible)."""
     videos = np.asarray(videos)
     if videos.ndim != 5:
-        raise ValueError(f"videos of shape {videos.shape}; expected (B, F, H, W, C)")
+        raise ConfigError(f"videos of shape {videos.shape}; expected (B, F, H, W, C)")
     if int(scale) < 1:
-        raise ValueError(f"scale={scale} must be >= 1")
+        raise ConfigError(f"scale={scale} must be >= 1")
     if scale > 1:
         videos = videos.repeat(int(scale), axis=2).repeat(int(scale), axis=3)
     b, f, h, w, c = videos.shape
@@ -122,9 +116,8 @@ def write_png(path: str, image) -> str:
     """uint8 (H, W, 3) -> PNG."""
     from PIL import Image
 
-    tmp = _temporary(path)
-    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
     return path
 
 
@@ -147,7 +140,7 @@ def load_input(path: str, size: int, max_frames: int | None = None) -> np.ndarra
         with Image.open(path) as image:
             frames = np.asarray(image.convert("RGB"))[None]
     else:
-        raise ValueError(f"sample input {path} is neither an image, a video nor a frame folder")
+        raise ConfigError(f"sample input {path} is neither an image, a video nor a frame folder")
     resized = short_side_resize_crop(frames.astype(np.float32), size, antialias=True)
     return to_signed_unit(np.round(resized))
 

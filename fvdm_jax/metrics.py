@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -35,8 +35,9 @@ class MetricsLogger:
             self._writer = metric_writers.create_default_writer(
                 workdir, just_logging=not self.is_main
             )
+            # No writer: the loop's own steps_per_sec is the one written (not a second copy).
             self._progress = periodic_actions.ReportProgress(
-                num_train_steps=num_steps, writer=self._writer, every_steps=every_steps
+                num_train_steps=num_steps, writer=None, every_steps=every_steps
             )
         except ImportError as e:  # no tensorflow/clu on this machine
             logging.warning("clu writers unavailable (%s); logging to %s only", e, METRICS_FILE)

@@ -11,7 +11,10 @@ read from, the mesh) are not recipe and may change freely.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
+
+from fvdm_jax.errors import ConfigError
 
 RECIPE_SECTIONS = ("model", "diffusion", "ptss", "data", "train")
 # Keys of the recipe sections that do not change what is trained: free to change on resume.
@@ -58,7 +61,7 @@ def check_resume(saved: Mapping[str, Any], config, step: int, directory: str) ->
         logging.warning("resuming step %d of %s with a changed recipe (train.allow_recipe_change): "
                         "%s", step, directory, "; ".join(changes))
         return
-    raise ValueError(
+    raise ConfigError(
         f"the checkpoint at step {step} in {directory} was trained with another recipe: "
         f"{'; '.join(changes)}. Resume with the saved values, start a new workdir, or set "
         f"--config.train.allow_recipe_change=True to change them deliberately"

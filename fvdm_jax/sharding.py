@@ -1,21 +1,34 @@
-"""The device mesh, logical-axis rules, and the shardings of state and batches.
+"""The device mesh, logical-axis rules, and the shardings of state, batches and activations.
 
 Mesh axes (data, fsdp, tensor) come from `config.mesh`. Parameters carry logical axis names (see
-fvdm_jax/models/layers.py); `config.mesh.rules` maps them to mesh axes: FSDP shards the model width
-over `fsdp`, heads and MLP width go over `tensor`, the batch over (data, fsdp). A dimension that a
-mesh axis does not divide stays replicated along that axis.
+fvdm_jax/models/layers.py); `config.mesh.rules` maps them to mesh axes with flax's own priority
+rules (`nn.logical_to_mesh_axes`: rules apply in order, a mesh axis is used at most once per
+array, the first rule that names a logical axis wins): FSDP shards the model width over `fsdp`,
+heads and MLP width go over `tensor`, the batch over (data, fsdp). Mesh axes that the mesh does
+not have are dropped from the rules.
+
+A dimension that its mesh axes do not divide stays replicated along them; `logical_shardings`
+logs one warning naming every such parameter, or raises with `config.mesh.strict = True`.
+
+Activations carry logical names too (`act_*` and `batch`, see `DiT`): the model constrains its
+token activations with `nn.with_logical_constraint`, which is a no-op unless the model is traced
+inside `activation_context(mesh, rules)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fvdm_jax.errors import ConfigError
 
 # Logical name -> mesh axis (or tuple of axes, or None). The defaults of config.mesh.rules.
 DEFAULT_RULES = (
@@ -30,25 +43,32 @@ DEFAULT_RULES = (
     ("patch", None),
     ("vocab", None),
     ("layers", None),
+    # Activations (the token stream between DiT blocks). Their feature dim is not 'embed': with
+    # FSDP the weights are sharded along the width, the activations are not.
+    ("act_frames", None),
+    ("act_tokens", None),
+    ("act_embed", None),
 )
+
+# The keys of config.mesh.
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """Resolves one -1 entry to the remaining devices; checks the product."""
     shape = [int(s) for s in shape]
     if shape.count(-1) > 1:
-        raise ValueError(f"config.mesh.shape={tuple(shape)} may contain at most one -1")
+        raise ConfigError(f"config.mesh.shape={tuple(shape)} may contain at most one -1")
     if any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"config.mesh.shape={tuple(shape)} must hold positive sizes or one -1")
+        raise ConfigError(f"config.mesh.shape={tuple(shape)} must hold positive sizes or one -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(
+            raise ConfigError(
                 f"config.mesh.shape={tuple(shape)}: {num_devices} devices are not divisible by {known}"
             )
         shape[shape.index(-1)] = num_devices // known
     if math.prod(shape) > num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, "
             f"but {num_devices} are available"
         )
@@ -61,10 +81,10 @@ def make_mesh(mesh_config: Mapping[str, Any], devices=None) -> Mesh:
     axes = tuple(mesh_config["axes"])
     shape = mesh_shape(mesh_config["shape"], len(devices))
     if len(axes) != len(shape):
-        raise ValueError(f"config.mesh.axes={axes} and config.mesh.shape={shape} differ in length")
+        raise ConfigError(f"config.mesh.axes={axes} and config.mesh.shape={shape} differ in length")
     n = math.prod(shape)
     if n != len(devices) and jax.process_count() > 1:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh.shape={shape} uses {n} of {len(devices)} devices; a multi-process run "
             f"must use them all (set one size to -1)"
         )
@@ -84,6 +104,23 @@ def rules_from_config(mesh_config: Mapping[str, Any]) -> tuple:
     return tuple((str(name), tuple(axis) if isinstance(axis, list) else axis) for name, axis in rules)
 
 
+def strict_from_config(mesh_config: Mapping[str, Any]) -> bool:
+    """config.mesh.strict: raise instead of replicating a parameter dim the mesh does not divide."""
+    return bool(mesh_config.get("strict", False))
+
+
+def mesh_rules(mesh: Mesh, rules) -> tuple:
+    """The rules with the mesh axes that `mesh` lacks removed (a rule left empty maps to None)."""
+    out = []
+    for name, axis in rules:
+        if axis is not None:
+            members = axis if isinstance(axis, (tuple, list)) else (axis,)
+            members = tuple(a for a in members if a in mesh.shape)
+            axis = members if len(members) > 1 else (members[0] if members else None)
+        out.append((name, axis))
+    return tuple(out)
+
+
 def _axis_size(mesh: Mesh, axis) -> int:
     if axis is None:
         return 1
@@ -91,53 +128,95 @@ def _axis_size(mesh: Mesh, axis) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def _axis_text(mesh: Mesh, axis) -> str:
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    return "x".join(f"{a}={mesh.shape[a]}" for a in axes)
+
+
+def _divisible_spec(shape, logical, mesh: Mesh, rules):
+    """(PartitionSpec, [(dim, size, logical name, mesh axis) dropped as not dividing])."""
+    if logical is None:
+        return PartitionSpec(), []
+    spec = nn.logical_to_mesh_axes(tuple(logical), mesh_rules(mesh, rules))
+    entries, dropped = [], []
+    for dim, (size, axis) in enumerate(zip(shape, tuple(spec))):
+        if axis is not None and size % _axis_size(mesh, axis):
+            dropped.append((dim, int(size), logical[dim], axis))
+            axis = None
+        entries.append(axis)
+    return PartitionSpec(*entries), dropped
+
+
 def spec_for(shape: Sequence[int], logical: Sequence[str | None] | None, mesh: Mesh, rules) -> PartitionSpec:
     """PartitionSpec of an array from its logical axis names; non-dividing axes are dropped."""
-    if logical is None:
-        return PartitionSpec()
-    rule_map = dict(rules)
-    used: set[str] = set()
-    spec = []
-    for dim, name in zip(shape, logical):
-        axis = rule_map.get(name) if name is not None else None
-        if axis is not None:
-            members = axis if isinstance(axis, tuple) else (axis,)
-            members = tuple(a for a in members if a in mesh.shape and a not in used)
-            axis = members if len(members) > 1 else (members[0] if members else None)
-        if axis is None or dim % _axis_size(mesh, axis):
-            spec.append(None)
-            continue
-        used.update(axis if isinstance(axis, tuple) else (axis,))
-        spec.append(axis)
-    return PartitionSpec(*spec)
+    return _divisible_spec(tuple(shape), logical, mesh, rules)[0]
 
 
-def logical_shardings(boxed_tree, mesh: Mesh, rules):
-    """NamedShardings for a tree whose leaves may be nn.LogicallyPartitioned boxes."""
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
-    def leaf_sharding(leaf):
-        if isinstance(leaf, nn.LogicallyPartitioned):
-            return NamedSharding(mesh, spec_for(leaf.value.shape, leaf.names, mesh, rules))
-        return NamedSharding(mesh, PartitionSpec())
 
-    return jax.tree_util.tree_map(
-        leaf_sharding, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
-    )
+def _param_path(path) -> str:
+    """'params/blocks/spatial/attn/qkv/kernel' for a leaf of a variables tree, of a TrainState
+    (params, EMA, optimizer moments: the part from the last 'params' collection key on)."""
+    names = [_key_name(k) for k in path]
+    starts = [i for i, (k, n) in enumerate(zip(path, names))
+              if n == "params" and isinstance(k, jax.tree_util.DictKey)]
+    return "/".join(names[starts[-1]:] if starts else names) or "<root>"
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules, *, strict: bool = False):
+    """NamedShardings for a tree whose leaves may be nn.LogicallyPartitioned boxes.
+
+    The logical specs come from `nn.get_partition_spec` and go through `nn.logical_to_mesh_axes`
+    (flax's rule priority); a dimension its mesh axes do not divide is replicated, with one
+    warning that names every such parameter, or a ValueError when `strict`.
+    """
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    dropped: dict[str, list] = {}
+
+    def leaf_sharding(path, leaf):
+        if not is_box(leaf):
+            return NamedSharding(mesh, PartitionSpec())
+        names = tuple(nn.get_partition_spec(leaf))  # the box's logical PartitionSpec
+        spec, bad = _divisible_spec(leaf.value.shape, names, mesh, rules)
+        if bad:
+            dropped.setdefault(_param_path(path), bad)
+        return NamedSharding(mesh, spec)
+
+    shardings = jax.tree_util.tree_map_with_path(leaf_sharding, boxed_tree, is_leaf=is_box)
+    if dropped:
+        items = "; ".join(
+            f"{path} dim {dim} ({name!r}) of size {size} not divisible by {_axis_text(mesh, axis)}"
+            for path, bad in sorted(dropped.items())
+            for dim, size, name, axis in bad
+        )
+        if strict:
+            raise ConfigError(
+                f"config.mesh.strict: {len(dropped)} parameter(s) cannot be sharded as the rules "
+                f"ask: {items}; change config.mesh.shape or the model width (or set "
+                f"config.mesh.strict=False to replicate those dims)"
+            )
+        logging.warning(
+            "%d parameter(s) stay replicated along mesh axes that do not divide them (change "
+            "config.mesh.shape or the model width; config.mesh.strict=True makes this an "
+            "error): %s", len(dropped), items,
+        )
+    return shardings
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
     """Batch arrays (B, ...) sharded along their first axis over the 'batch' rule's axes."""
-    spec = spec_for((0,), ("batch",), mesh, rules)  # 0 is divisible by everything
-    return NamedSharding(mesh, PartitionSpec(spec[0], *([None] * (ndim - 1))))
+    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), mesh_rules(mesh, rules))
+    return NamedSharding(mesh, spec)
 
 
 def batch_divisor(mesh: Mesh, rules) -> int:
     """How many ways the global batch is split (the data x fsdp size by default)."""
-    axis = dict(rules).get("batch")
-    if axis is None:
-        return 1
-    members = tuple(a for a in (axis if isinstance(axis, tuple) else (axis,)) if a in mesh.shape)
-    return math.prod(mesh.shape[a] for a in members)
+    return _axis_size(mesh, batch_sharding(mesh, rules, 1).spec[0])
 
 
 def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict:
@@ -146,3 +225,12 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dic
         key: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, value.ndim), value)
         for key, value in host_batch.items()
     }
+
+
+@contextlib.contextmanager
+def activation_context(mesh: Mesh, rules):
+    """`jax.set_mesh(mesh)` + `nn.logical_axis_rules(rules)`: trace (jit, lower) a model inside it
+    and its `nn.with_logical_constraint` calls become sharding constraints; outside, they are
+    no-ops. Enter it outside jax.jit (jax.set_mesh may not be used inside a trace)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_rules(mesh, rules)):
+        yield

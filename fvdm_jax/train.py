@@ -1,30 +1,33 @@
-"""The training loop: sharded state, resumable orbax checkpoints, metrics, preemption, export.
+"""The training loop: sharded state, resumable orbax checkpoints, metrics, preemption.
 
 The loop syncs with the devices only at log and checkpoint steps: the train step runs ahead
 asynchronously, and the first non-finite step is recorded on device and checked at those syncs,
-before anything is written.
+before anything is written. What else runs every few steps (samples, FVD) is passed in as
+`PeriodicAction`s by the job layer (fvdm_jax/jobs/train.py): the loop imports no job.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import queue
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fvdm_jax import sharding as shd
-from fvdm_jax.checkpoint import TrainCheckpointer, save_inference_checkpoint
+from fvdm_jax.checkpoint import TrainCheckpointer
+from fvdm_jax.config_schema import validate
 from fvdm_jax.diffusion.schedule import Schedule
+from fvdm_jax.errors import ConfigError
 from fvdm_jax.models.dit import DiT, model_from_config
-from fvdm_jax.recipe import check_resume, weights_config
+from fvdm_jax.recipe import check_resume
 from fvdm_jax.train_step import (
     JittedTrainStep,
     TrainState,
@@ -33,14 +36,27 @@ from fvdm_jax.train_step import (
     validate_train_config,
 )
 
-KNOWN_SECTIONS = (
-    "model", "diffusion", "ptss", "data", "vae", "train", "checkpoint", "mesh", "sample", "eval"
-)
-MESH_KEYS = ("shape", "axes", "rules")
-
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN/inf loss, gradient or update."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PeriodicAction:
+    """Runs every `every` steps (0 = never) after the step: fn(step, ema_params) -> a dict of
+    scalars (kind 'scalars') or of uint8 images (kind 'images') for the metric writers."""
+
+    name: str
+    every: int
+    fn: Callable[[int, Any], dict]
+    kind: str = "scalars"
+
+    def due(self, step: int) -> bool:
+        return _periodic(self.every, step)
+
+
+# The job layer's actions, built once the loop knows the mesh and the data source.
+ActionFactory = Callable[[jax.sharding.Mesh, Any], Sequence[PeriodicAction]]
 
 
 @dataclasses.dataclass
@@ -53,17 +69,18 @@ class TrainResult:
     exit_code: int = 0  # for the process: 0 finished, EXIT_SIGTERM / EXIT_SIGINT preempted
 
 
-def validate_config(config) -> None:
-    """Checks every section this job reads, failing with one line that names the bad key/value."""
-    unknown = sorted(set(config.keys()) - set(KNOWN_SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown config sections {unknown}; known: {list(KNOWN_SECTIONS)}")
-    model_from_config(config.model)
-    Schedule.from_config(config.diffusion)
-    validate_train_config(config.train, config.ptss)
-    unknown = sorted(set(config.mesh.keys()) - set(MESH_KEYS))
-    if unknown:
-        raise ValueError(f"unknown mesh config keys {unknown}; known keys: {list(MESH_KEYS)}")
+def validate_config(config, near: str | None = None) -> None:
+    """The whole config against its schema (configs/default.py), then the checks that relate
+    several keys of the sections training reads; ConfigError names the bad key and value."""
+    validate(config, near=near)
+    try:
+        model_from_config(config.model)
+        Schedule.from_config(config.diffusion)
+        validate_train_config(config.train, config.ptss)
+    except ConfigError:
+        raise
+    except ValueError as error:  # the engine's own argument checks
+        raise ConfigError(str(error)) from None
 
 
 @dataclasses.dataclass
@@ -91,14 +108,14 @@ def build_setup(config, devices=None) -> Setup:
     divisor = shd.batch_divisor(mesh, rules)
     micro = batch_size // int(config.train.grad_accum_steps)
     if micro % divisor or batch_size % jax.process_count():
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size={batch_size} (micro-batch {micro}) must be divisible by the "
             f"data x fsdp mesh size {divisor} and by the {jax.process_count()} processes; change "
             f"train.batch_size or config.mesh.shape"
         )
     rng = jax.random.key(int(config.train.seed))
     boxed = jax.eval_shape(lambda r: init_state(r, model, optimizer, boxed=True), rng)
-    state_shardings = shd.logical_shardings(boxed, mesh, rules)
+    state_shardings = shd.logical_shardings(boxed, mesh, rules, strict=shd.strict_from_config(config.mesh))
     unboxed = jax.eval_shape(lambda r: init_state(r, model, optimizer, boxed=False), rng)
     abstract_state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, state_shardings
@@ -241,13 +258,15 @@ def train(
     workdir: str,
     *,
     devices=None,
+    actions: ActionFactory | Sequence[PeriodicAction] = (),
     step_hook: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Trains config.train.num_steps steps, resuming from WORKDIR/checkpoints.
 
+    actions: periodic actions on the EMA parameters, or a factory (mesh, data source) -> actions.
     `step_hook(step)` is called on the host after each dispatched step (tests use it).
     """
-    from fvdm_jax.data import host_batches, make_source
+    from fvdm_jax.data.pipeline import host_batches, make_source
     from fvdm_jax.metrics import MetricsLogger
 
     setup = build_setup(config, devices)
@@ -291,15 +310,11 @@ def train(
         config.ptss,
         setup.state_shardings,
         setup.batch_shardings,
+        mesh=setup.mesh,
+        rules=setup.rules,
     )
     logger = MetricsLogger(workdir, num_steps, int(train_cfg.log_every_steps))
-    sample_every = config.get("sample", {}).get("every_steps", 0)
-    eval_every = config.get("eval", {}).get("every_steps", 0)
-    training_samples = None
-    if sample_every:
-        from fvdm_jax.sample import TrainingSamples
-
-        training_samples = TrainingSamples(config, workdir, setup.mesh, source)
+    actions = list(actions(setup.mesh, source) if callable(actions) else actions)
     batches = DevicePrefetcher(
         data_iter, setup.mesh, setup.rules, int(config.data.get("device_prefetch", 0))
     )
@@ -356,12 +371,13 @@ def train(
                         achieved = scalars["videos_per_sec"] * flops_per_video
                         scalars["mfu"] = achieved / (peak * setup.mesh.size)
                 logger.write(done, scalars)
-            if training_samples is not None and _periodic(sample_every, done):
-                logger.write_images(done, training_samples(done, state.ema_params))
-            if _periodic(eval_every, done):
-                from fvdm_jax.evaluate import training_fvd
-
-                logger.write(done, training_fvd(config, workdir, done, state.ema_params, setup.mesh))
+            for action in actions:
+                if action.due(done):
+                    result = action.fn(done, state.ema_params)
+                    if action.kind == "images":
+                        logger.write_images(done, result)
+                    else:
+                        logger.write(done, result)
             if done % ckpt.every_steps == 0 or final:
                 _check_finite(state, last_saved)
                 if ckpt.save(done, state, batches, record, force=final):
@@ -400,53 +416,9 @@ def _train_flops_per_video(config) -> float | None:
     return 3.0 * model_flops_from_config(config.model)
 
 
-# bf16 dense matmul peaks per device, for the MFU estimate when train.peak_flops_per_device is unset.
-PEAK_FLOPS_BY_DEVICE_KIND = {
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-}
-
-
 def _peak_flops(train_cfg) -> float | None:
     if train_cfg.get("peak_flops_per_device"):
         return float(train_cfg["peak_flops_per_device"])
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_FLOPS_BY_DEVICE_KIND.items() if kind.startswith(k)), None)
+    from fvdm_jax.flops import peak_flops_per_device
 
-
-def _with_saved_weights_config(config, saved: dict):
-    """config with the model and diffusion sections the checkpoint was trained with."""
-    import ml_collections
-
-    model, diffusion = weights_config(saved, config)
-    merged = ml_collections.ConfigDict(config.to_dict())
-    merged.model, merged.diffusion = ml_collections.ConfigDict(model), ml_collections.ConfigDict(diffusion)
-    return merged
-
-
-def export(config, workdir: str, output: str | None = None, devices=None) -> str:
-    """Writes the EMA parameters of the latest checkpoint as an inference checkpoint, with the
-    model and diffusion config the checkpoint was trained with."""
-    ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)
-    latest = ckpt.latest_step()
-    if latest is None:
-        ckpt.close()
-        raise FileNotFoundError(f"no checkpoint under {ckpt.directory} to export; train first")
-    config = _with_saved_weights_config(config, ckpt.saved_config(latest))
-    setup = build_setup(config, devices)
-    state = ckpt.restore_state(latest, setup.abstract_state)
-    ckpt.close()
-    output = output or config.checkpoint.get("export_dir") or os.path.join(
-        workdir, "export", f"step_{latest}"
-    )
-    ema = jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), state.ema_params)
-    if jax.process_index() == 0:
-        save_inference_checkpoint(output, ema, config.model, config.diffusion)
-    logging.info("exported EMA parameters of step %d to %s", latest, output)
-    return output
+    return peak_flops_per_device(jax.devices()[0].device_kind)

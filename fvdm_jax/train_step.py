@@ -8,7 +8,9 @@ whose loss or gradient was not finite.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+from collections.abc import Mapping
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -16,32 +18,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fvdm_jax import sharding as shd
 from fvdm_jax.diffusion.losses import training_losses
 from fvdm_jax.diffusion.ptss import PTSS_MODES, sample_frame_timesteps
 from fvdm_jax.diffusion.schedule import Schedule
+from fvdm_jax.errors import ConfigError
 from fvdm_jax.models.dit import DiT, drop_labels
 
-TRAIN_KEYS = (
-    "num_steps",
-    "batch_size",
-    "seed",
-    "lr",
-    "end_lr",
-    "weight_decay",
-    "b1",
-    "b2",
-    "eps",
-    "schedule",
-    "warmup_steps",
-    "grad_clip",
-    "grad_clip_start_step",
-    "ema_decay",
-    "grad_accum_steps",
-    "log_every_steps",
-    "peak_flops_per_device",
-    "donate_state",
-    "allow_recipe_change",
-)
 LR_SCHEDULES = ("constant", "warmup_cosine")
 
 
@@ -55,38 +38,32 @@ class TrainState:
 
 
 def validate_train_config(train: Mapping[str, Any], ptss: Mapping[str, Any]):
-    unknown = sorted(set(train.keys()) - set(TRAIN_KEYS))
-    if unknown:
-        raise ValueError(f"unknown train config keys {unknown}; known keys: {list(TRAIN_KEYS)}")
     if train["schedule"] not in LR_SCHEDULES:
-        raise ValueError(f"train.schedule={train['schedule']!r} is not one of {LR_SCHEDULES}")
+        raise ConfigError(f"train.schedule={train['schedule']!r} is not one of {LR_SCHEDULES}")
     for key in ("num_steps", "batch_size", "grad_accum_steps", "log_every_steps"):
         if int(train[key]) < 1:
-            raise ValueError(f"train.{key}={train[key]} must be at least 1")
+            raise ConfigError(f"train.{key}={train[key]} must be at least 1")
     if train["batch_size"] % train["grad_accum_steps"]:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size={train['batch_size']} is not divisible by "
             f"train.grad_accum_steps={train['grad_accum_steps']}"
         )
     if not 0.0 <= float(train["ema_decay"]) <= 1.0:
-        raise ValueError(f"train.ema_decay={train['ema_decay']} must lie in [0, 1]")
+        raise ConfigError(f"train.ema_decay={train['ema_decay']} must lie in [0, 1]")
     if not float(train["lr"]) > 0.0:
-        raise ValueError(f"train.lr={train['lr']} must be > 0")
+        raise ConfigError(f"train.lr={train['lr']} must be > 0")
     for key in ("end_lr", "weight_decay", "warmup_steps", "grad_clip_start_step"):
         if not float(train[key]) >= 0.0:
-            raise ValueError(f"train.{key}={train[key]} must be >= 0")
+            raise ConfigError(f"train.{key}={train[key]} must be >= 0")
     for key in ("b1", "b2"):
         if not 0.0 <= float(train[key]) < 1.0:
-            raise ValueError(f"train.{key}={train[key]} must lie in [0, 1)")
+            raise ConfigError(f"train.{key}={train[key]} must lie in [0, 1)")
     if not float(train["eps"]) > 0.0:
-        raise ValueError(f"train.eps={train['eps']} must be > 0")
-    unknown = sorted(set(ptss.keys()) - {"p", "mode"})
-    if unknown:
-        raise ValueError(f"unknown ptss config keys {unknown}; known keys: ['mode', 'p']")
+        raise ConfigError(f"train.eps={train['eps']} must be > 0")
     if ptss["mode"] not in PTSS_MODES:
-        raise ValueError(f"ptss.mode={ptss['mode']!r} is not one of {PTSS_MODES}")
+        raise ConfigError(f"ptss.mode={ptss['mode']!r} is not one of {PTSS_MODES}")
     if not 0.0 <= float(ptss["p"]) <= 1.0:
-        raise ValueError(f"ptss.p={ptss['p']} must lie in [0, 1]")
+        raise ConfigError(f"ptss.p={ptss['p']} must lie in [0, 1]")
 
 
 def learning_rate_schedule(train: Mapping[str, Any]) -> optax.Schedule:
@@ -228,11 +205,38 @@ def train_step(
     return new_state, metrics
 
 
-class JittedTrainStep:
-    """The jitted, sharded, state-donating train step; `traces` counts its compilations."""
+def _mesh_of(shardings):
+    for leaf in jax.tree_util.tree_leaves(shardings):
+        if isinstance(leaf, jax.sharding.NamedSharding):
+            return leaf.mesh
+    return None
 
-    def __init__(self, model, schedule, optimizer, train, ptss, state_shardings, batch_shardings):
+
+class JittedTrainStep:
+    """The jitted, sharded, state-donating train step; `traces` counts its compilations.
+
+    The step is traced (called, lowered) inside `shd.activation_context(mesh, rules)`, so the
+    model's logical activation constraints take effect. `mesh` defaults to the mesh of the
+    shardings and `rules` to `shd.DEFAULT_RULES`; pass `rules=setup.rules` for custom
+    config.mesh.rules. Without a mesh (no NamedShardings given) the constraints stay no-ops.
+    """
+
+    def __init__(
+        self,
+        model,
+        schedule,
+        optimizer,
+        train,
+        ptss,
+        state_shardings,
+        batch_shardings,
+        *,
+        mesh=None,
+        rules=None,
+    ):
         self.traces = 0
+        self.mesh = mesh if mesh is not None else _mesh_of((batch_shardings, state_shardings))
+        self.rules = tuple(rules) if rules is not None else shd.DEFAULT_RULES
 
         def step(state, batch):
             self.traces += 1  # runs only while tracing
@@ -253,8 +257,16 @@ class JittedTrainStep:
             donate_argnums=(0,) if bool(train.get("donate_state", True)) else (),
         )
 
+    def context(self):
+        """The activation-sharding context the step is traced in (a null context without mesh)."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return shd.activation_context(self.mesh, self.rules)
+
     def __call__(self, state: TrainState, batch):
-        return self._jitted(state, batch)
+        with self.context():
+            return self._jitted(state, batch)
 
     def lower(self, state, batch):
-        return self._jitted.lower(state, batch)
+        with self.context():
+            return self._jitted.lower(state, batch)

@@ -117,7 +117,7 @@ def test_train_ab_smoke_alternates_variants():
         "train_ab.py", "--config=configs/tiny.py", "--mesh=1,1,1", "--rounds=1",
         "--variant=" + " ".join(SWITCHES),
     )
-    assert [l["variant"] for l in lines] == ["base", " ".join(SWITCHES)]
+    assert [row["variant"] for row in lines] == ["base", " ".join(SWITCHES)]
     base, variant = lines
     assert base["step_time_vs_base"] == 1.0 and variant["step_time_vs_base"] > 0
     assert base["donate_state"] is True and variant["donate_state"] is False
@@ -146,17 +146,17 @@ def test_matmul_peak_smoke_needs_only_jax():
         "matmul_peak.py", "--sizes=32,64", "--dtypes=float32,bfloat16", "--repeats=1",
         blocked=BLOCKED_FOR_MATMUL,
     )
-    assert [(l["dtype"], l["result"]) for l in lines] == [
+    assert [(row["dtype"], row["result"]) for row in lines] == [
         ("float32", "size"), ("float32", "size"), ("float32", "best"),
         ("bfloat16", "size"), ("bfloat16", "size"), ("bfloat16", "best"),
     ]
     best = lines[2]
-    assert best["flops_per_s"] == max(l["flops_per_s"] for l in lines[:2]) > 0
+    assert best["flops_per_s"] == max(row["flops_per_s"] for row in lines[:2]) > 0
 
 
 def test_flops_table_reports_the_per_frame_adaln_saving():
     lines = run_bench("flops_table.py")
-    xl = {l["size"]: l for l in lines}["XL"]
+    xl = {row["size"]: row for row in lines}["XL"]
     assert f"{xl['forward_flops_per_video'] / 1e12:.3g}" == "3.73"
     assert f"{xl['train_flops_per_video'] / 1e12:.3g}" == "11.2"
     assert round(xl["per_frame_adaln_saving_flops"] / 1e12, 3) == 0.910

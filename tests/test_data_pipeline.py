@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from fvdm_jax.data import SyntheticVideoSource, host_batches, make_source
+from fvdm_jax.data.pipeline import host_batches, make_source
+from fvdm_jax.data.synthetic import SyntheticVideoSource
 
 FRAMES, SIZE, CHANNELS, CLASSES = 3, 8, 2, 4
 GLOBAL_BATCH = 4

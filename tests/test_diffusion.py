@@ -85,7 +85,8 @@ def test_ddpm_step_matches_reference_process(schedule, respacing):
     _close(np.asarray(got["log_variance"])[moving], logvar[moving])
     _close(got["pred_xstart"], x0)
 
-    sample, _ = ddpm_step(schedule, out.astype(np.float32), x.astype(np.float32), tau, tau_next, noise.astype(np.float32))
+    sample, _ = ddpm_step(schedule, out.astype(np.float32), x.astype(np.float32), tau, tau_next,
+                          noise.astype(np.float32))
     nonzero = (k != 0)[..., None, None, None]
     _close(sample, mean + nonzero * np.exp(0.5 * logvar) * noise)
     _close(sample[0, 0], mean[0, 0])  # no noise for the frame that ends clean

@@ -1,4 +1,5 @@
-"""FVD evaluation (fvdm_jax/evaluate.py): StyleGAN-V's clip protocol, video sets, the cache, the
+"""FVD evaluation (fvdm_jax/evaluation/, fvdm_jax/jobs/evaluate.py): StyleGAN-V's clip protocol,
+video sets, the cache, the
 records, the sampler-driven tasks (with a stand-in sampler and a cheap stand-in detector), the
 TorchScript calling convention, and one run of the real I3D on real clips vs noise."""
 
@@ -13,10 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fvdm_jax import evaluate
+from fvdm_jax import media
 from fvdm_jax import sharding as shd
 from fvdm_jax.config_utils import load_config
 from fvdm_jax.data import clips
+from fvdm_jax.evaluation import fvd
+from fvdm_jax.evaluation import videos as video_sets
+from fvdm_jax.jobs import evaluate
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -84,38 +88,38 @@ def _config(tmp_path, **eval_overrides):
 def test_pixel_quantization():
     x = np.array([-1.5, -1.0, -0.5, 0.0, 0.999, 1.0, 2.0], np.float32)
     # StyleGAN-V: (x * 127.5 + 128).clamp(0, 255).to(uint8) truncates.
-    np.testing.assert_array_equal(evaluate.quantize_generated(x), [0, 0, 64, 128, 255, 255, 255])
+    np.testing.assert_array_equal(media.to_uint8(x), [0, 0, 64, 128, 255, 255, 255])
     values = np.arange(256, dtype=np.uint8)
-    np.testing.assert_array_equal(evaluate.signed_to_uint8(clips.to_signed_unit(values)), values)
+    np.testing.assert_array_equal(video_sets.signed_to_uint8(clips.to_signed_unit(values)), values)
 
 
 def test_stylegan_v_clip_rule():
     total, frames, stride = 40, 9, 3
     offsets = set()
     for seed in range(400):
-        idx = evaluate.stylegan_v_frame_indices(total, frames, stride, np.random.default_rng(seed))
+        idx = video_sets.stylegan_v_frame_indices(total, frames, stride, np.random.default_rng(seed))
         assert len(idx) == frames and np.all(np.diff(idx) == stride) and idx[-1] < total
         offsets.add(int(idx[0]))
     # randint(0, T - F*s + s - 1), both ends included: 0 .. 15 here.
     assert offsets == set(range(total - frames * stride + stride))
     with pytest.raises(ValueError, match="shorter"):
-        evaluate.stylegan_v_frame_indices(26, frames, stride, np.random.default_rng(0))
+        video_sets.stylegan_v_frame_indices(26, frames, stride, np.random.default_rng(0))
 
 
 def test_real_items_mirror_and_selection():
-    assert evaluate.real_items(3, 10, False, "first", 0) == [(0, False), (1, False), (2, False)]
-    assert evaluate.real_items(3, 10, True, "first", 0) == [
+    assert video_sets.real_items(3, 10, False, "first", 0) == [(0, False), (1, False), (2, False)]
+    assert video_sets.real_items(3, 10, True, "first", 0) == [
         (0, False), (1, False), (2, False), (0, True), (1, True), (2, True)]
-    assert evaluate.real_items(5, 2, True, "first", 0) == [(0, False), (1, False)]  # StyleGAN-V order
-    drawn = evaluate.real_items(50, 20, True, "random", 7)
-    assert drawn == evaluate.real_items(50, 20, True, "random", 7) != evaluate.real_items(50, 20, True, "random", 8)
+    assert video_sets.real_items(5, 2, True, "first", 0) == [(0, False), (1, False)]  # StyleGAN-V order
+    drawn = video_sets.real_items(50, 20, True, "random", 7)
+    assert drawn == video_sets.real_items(50, 20, True, "random", 7) != video_sets.real_items(50, 20, True, "random", 8)
     assert len(set(drawn)) == 20 and any(flip for _, flip in drawn)
     with pytest.raises(ValueError, match="real_selection"):
-        evaluate.real_items(3, 2, False, "best", 0)
+        video_sets.real_items(3, 2, False, "best", 0)
 
 
 def test_real_folder_clips(real_folder):
-    real = evaluate.RealFolderClips(
+    real = video_sets.RealFolderClips(
         real_folder, dataset=None, split="train", num_frames=9, subsample_factor=2, resolution=16,
         mirror=True, selection="first", num_videos=10, seed=3, labels=False)
     # No split files and no train/: every video; 20 and 24 frames hold 9 x 2, 14 and 5 do not.
@@ -129,13 +133,13 @@ def test_real_folder_clips(real_folder):
     for plain, mirrored in ((clips_read[0], clips_read[2]), (clips_read[1], clips_read[3])):
         assert plain[0, 0, 0, 1] < plain[0, 0, -1, 1] and mirrored[0, 0, 0, 1] > mirrored[0, 0, -1, 1]
     # A clip is a function of (seed, item).
-    again = evaluate.RealFolderClips(
+    again = video_sets.RealFolderClips(
         real_folder, dataset=None, split=None, num_frames=9, subsample_factor=2, resolution=16,
         mirror=True, selection="first", num_videos=10, seed=3, labels=False)
     np.testing.assert_array_equal(again.read(1)[0], clips_read[1])
     assert again.identity() == real.identity()
     with pytest.raises(ValueError, match="eval.subsample_factor"):
-        evaluate.RealFolderClips(real_folder, dataset=None, split=None, num_frames=9, subsample_factor=3,
+        video_sets.RealFolderClips(real_folder, dataset=None, split=None, num_frames=9, subsample_factor=3,
                                  resolution=16, mirror=False, selection="first", num_videos=4, seed=0,
                                  labels=False)
 
@@ -143,23 +147,23 @@ def test_real_folder_clips(real_folder):
 def test_generated_npz_and_folder(tmp_path):
     videos = np.random.default_rng(0).integers(0, 256, (5, 12, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", videos=videos, labels=np.arange(5, dtype=np.int32), task="i2v")
-    mapped = evaluate._npz_memmap(str(tmp_path / "samples.npz"), "videos")
+    mapped = video_sets._npz_memmap(str(tmp_path / "samples.npz"), "videos")
     assert isinstance(mapped, np.memmap)
     np.testing.assert_array_equal(mapped, videos)
-    fake = evaluate.NpzVideos(str(tmp_path / "samples.npz"), num_frames=9, num_videos=4)
+    fake = video_sets.NpzVideos(str(tmp_path / "samples.npz"), num_frames=9, num_videos=4)
     assert len(fake) == 4 and fake.task == "i2v" and fake.resolution == 8
     video, label = fake.read(3)
     np.testing.assert_array_equal(video, videos[3, :9])
     assert label == 3
     np.savez_compressed(tmp_path / "packed.npz", videos=videos)  # no memmap: read whole
-    assert evaluate._npz_memmap(str(tmp_path / "packed.npz"), "videos") is None
-    np.testing.assert_array_equal(evaluate.NpzVideos(str(tmp_path / "packed.npz"), 9, 9).read(4)[0], videos[4, :9])
+    assert video_sets._npz_memmap(str(tmp_path / "packed.npz"), "videos") is None
+    np.testing.assert_array_equal(video_sets.NpzVideos(str(tmp_path / "packed.npz"), 9, 9).read(4)[0], videos[4, :9])
     with pytest.raises(ValueError, match="eval.num_frames=16"):
-        evaluate.NpzVideos(str(tmp_path / "samples.npz"), num_frames=16, num_videos=4)
+        video_sets.NpzVideos(str(tmp_path / "samples.npz"), num_frames=16, num_videos=4)
 
     for i in range(3):
         _frame_folder(tmp_path / "gen" / f"{i}", videos[i])
-    folder = evaluate.FolderVideos(str(tmp_path / "gen"), num_frames=9, num_videos=8, resolution=None)
+    folder = video_sets.FolderVideos(str(tmp_path / "gen"), num_frames=9, num_videos=8, resolution=None)
     assert len(folder) == 3 and folder.resolution == 8
     np.testing.assert_array_equal(folder.read(2)[0], videos[2, :9])
 
@@ -167,13 +171,13 @@ def test_generated_npz_and_folder(tmp_path):
 def test_batched_features_drop_padding():
     detector = FakeDetector()
     videos = np.random.default_rng(1).integers(0, 256, (5, 9, 8, 8, 3), dtype=np.uint8)
-    stats = evaluate.batch_features(detector, videos, batch_size=2)
+    stats = fvd.batch_features(detector, videos, batch_size=2)
     assert stats.count == 5 and detector.calls == [(2, 9, 8, 8, 3)] * 3
     reference = detector(videos)
     np.testing.assert_allclose(stats.mean_cov()[0], reference.astype(np.float64).mean(0), rtol=1e-6)
-    assert evaluate.detector_batch_size(32, 16, 8) == 32
-    assert evaluate.detector_batch_size(32, 128, 8) == 8  # same frames per call
-    assert evaluate.detector_batch_size(3, 16, 2) == 4  # a multiple of the batch divisor
+    assert fvd.detector_batch_size(32, 16, 8) == 32
+    assert fvd.detector_batch_size(32, 128, 8) == 8  # same frames per call
+    assert fvd.detector_batch_size(3, 16, 2) == 4  # a multiple of the batch divisor
 
 
 def test_config_keys_and_validation(tmp_path):
@@ -205,7 +209,7 @@ def test_eval_job_npz_cache_and_records(tmp_path, real_folder, monkeypatch):
     monkeypatch.setattr(evaluate, "load_detector", lambda spec, mesh, rules: detector)
     written = []
     monkeypatch.setattr(evaluate, "write_tensorboard", lambda workdir, step, scalars: written.append(scalars))
-    real = evaluate.RealFolderClips(real_folder, dataset=None, split=None, num_frames=9, subsample_factor=1,
+    real = video_sets.RealFolderClips(real_folder, dataset=None, split=None, num_frames=9, subsample_factor=1,
                                     resolution=32, mirror=True, selection="first", num_videos=4, seed=0,
                                     labels=False)
     same = np.stack([real.read(i)[0] for i in range(4)])
@@ -258,17 +262,21 @@ class FakeSampler:
 
 @pytest.fixture
 def fake_sample_module(monkeypatch):
-    module = types.ModuleType("fvdm_jax.sample")
+    module = types.ModuleType("fvdm_jax.sampling.sampler")
     module.samplers = []
 
-    def make(config, params=None, **kwargs):
-        sampler = FakeSampler(config, params, **kwargs)
-        module.samplers.append(sampler)
-        return sampler
+    class Factory:
+        @staticmethod
+        def from_config(config, params=None, **kwargs):
+            sampler = FakeSampler(config, params, **kwargs)
+            module.samplers.append(sampler)
+            return sampler
 
-    module.VideoSampler = make
-    module.load_sampling_params = lambda config, workdir: (dict(config.model), dict(config.diffusion), {"w": 0})
-    monkeypatch.setitem(sys.modules, "fvdm_jax.sample", module)
+    module.VideoSampler = Factory
+    weights = types.ModuleType("fvdm_jax.sampling.weights")
+    weights.load_sampling_params = lambda config, workdir: (dict(config.model), dict(config.diffusion), {"w": 0})
+    monkeypatch.setitem(sys.modules, "fvdm_jax.sampling.sampler", module)
+    monkeypatch.setitem(sys.modules, "fvdm_jax.sampling.weights", weights)
     return module
 
 
@@ -358,7 +366,7 @@ def test_torchscript_calling_convention(tmp_path):
 
     path = str(tmp_path / "i3d_torchscript.pt")
     torch.jit.script(StandIn()).save(path)
-    detector = evaluate.load_detector(path, None, ())
+    detector = fvd.load_detector(path, None, ())
     videos = np.random.default_rng(0).integers(0, 256, (2, 9, 8, 8, 3), dtype=np.uint8)
     features = detector(videos)
     assert features.shape == (2, 6) and detector.name.startswith("torchscript:i3d_torchscript.pt:")
@@ -366,7 +374,7 @@ def test_torchscript_calling_convention(tmp_path):
     expected = (videos / 255.0 * 2 - 1).mean(axis=(1, 2, 3))  # (B, 3, T, H, W) channel means
     np.testing.assert_allclose(features[:, :3], expected, atol=2e-3)  # bilinear 224 ~ same mean
     with pytest.raises(ValueError, match="eval.detector"):
-        evaluate.load_detector("weights.bin", None, ())
+        fvd.load_detector("weights.bin", None, ())
 
 
 def _weights_or_skip():
@@ -383,7 +391,7 @@ def test_real_i3d_ranks_real_clips_before_noise(tmp_path, monkeypatch):
     mirror images are near, noise is far."""
     _weights_or_skip()
     monkeypatch.setattr(evaluate, "write_tensorboard", lambda *args: False)
-    real = evaluate.DemoClips(num_frames=9, subsample_factor=2, resolution=32, num_videos=2, seed=0)
+    real = video_sets.DemoClips(num_frames=9, subsample_factor=2, resolution=32, num_videos=2, seed=0)
     videos = np.stack([real.read(i)[0] for i in range(2)])
     np.savez(tmp_path / "mirrored.npz", videos=np.ascontiguousarray(videos[:, :, :, ::-1]))
     np.savez(tmp_path / "noise.npz", videos=np.random.default_rng(0).integers(0, 256, videos.shape, dtype=np.uint8))
@@ -414,9 +422,9 @@ def _random_pixel_checkpoint(directory, config):
 
 
 def test_zero_shot_tasks_with_the_real_sampler(tmp_path, real_folder, monkeypatch):
-    """eval.task=i2v / interpolate / extend through fvdm_jax.sample on a random tiny pixel model:
+    """eval.task=i2v / interpolate / extend through the real sampler on a random tiny pixel model:
     the inputs are the real clips' frames, held exactly in the generated videos."""
-    sample = pytest.importorskip("fvdm_jax.sample")
+    from fvdm_jax.sampling import sampler as sample
     detector = FakeDetector()
     monkeypatch.setattr(evaluate, "load_detector", lambda spec, mesh, rules: detector)
     monkeypatch.setattr(evaluate, "write_tensorboard", lambda *args: False)
@@ -441,11 +449,11 @@ def test_zero_shot_tasks_with_the_real_sampler(tmp_path, real_folder, monkeypatc
         record = evaluate.eval_job(config, str(tmp_path))
         assert record["metric"] == f"fvd2_9f_{task}" and record["num_real"] == 2
     (_, i2v_inputs, i2v_videos), (_, keyframes, interpolated) = held
-    np.testing.assert_array_equal(evaluate.quantize_generated(i2v_videos[:, 0]),
-                                  evaluate.quantize_generated(i2v_inputs[:, 0]))
+    np.testing.assert_array_equal(media.to_uint8(i2v_videos[:, 0]),
+                                  media.to_uint8(i2v_inputs[:, 0]))
     for index in (0, -1):
-        np.testing.assert_array_equal(evaluate.quantize_generated(interpolated[:, index]),
-                                      evaluate.quantize_generated(keyframes[:, index]))
+        np.testing.assert_array_equal(media.to_uint8(interpolated[:, index]),
+                                      media.to_uint8(keyframes[:, index]))
 
     config.eval.task, config.eval.num_frames = "extend", 12
     config.sample.total_frames, config.sample.overlap = 12, 4
@@ -453,7 +461,7 @@ def test_zero_shot_tasks_with_the_real_sampler(tmp_path, real_folder, monkeypatc
     task, inputs, videos = held[-1]
     assert record["metric"] == "fvd2_12f_extend" and inputs.shape == (2, 4, 16, 16, 3)
     assert videos.shape[1] == 12
-    np.testing.assert_array_equal(evaluate.quantize_generated(videos[:, :4]), evaluate.quantize_generated(inputs))
+    np.testing.assert_array_equal(media.to_uint8(videos[:, :4]), media.to_uint8(inputs))
 
 
 class _ArrayVideos:
@@ -475,7 +483,7 @@ def test_sanity_ordering_real_halves_shuffled_noise():
     halves < frames shuffled in time < frames mixed across clips < noise. ~20-30 min on 2 CPU cores."""
     _weights_or_skip()
     half, frames = 48, 16
-    real = evaluate.DemoClips(num_frames=frames, subsample_factor=4, resolution=64, num_videos=2 * half, seed=0)
+    real = video_sets.DemoClips(num_frames=frames, subsample_factor=4, resolution=64, num_videos=2 * half, seed=0)
     videos = np.stack([real.read(i)[0] for i in range(2 * half)])
     rng = np.random.default_rng(1)
     noise = rng.integers(0, 256, (half,) + videos.shape[1:], dtype=np.uint8)
@@ -484,27 +492,29 @@ def test_sanity_ordering_real_halves_shuffled_noise():
     mixed = np.stack([np.stack([videos[half + rng.integers(half), t] for t in range(frames)])
                       for _ in range(half)])
     mesh = shd.make_mesh({"shape": (-1, 1, 1), "axes": ("data", "fsdp", "tensor")})
-    detector = evaluate.load_detector("", mesh, shd.DEFAULT_RULES)
-    stats = {name: evaluate.video_set_features(detector, _ArrayVideos(array), 8, 2, name)
+    detector = fvd.load_detector("", mesh, shd.DEFAULT_RULES)
+    stats = {name: fvd.video_set_features(detector, _ArrayVideos(array), 8, 2, name)
              for name, array in (("a", videos[:half]), ("b", videos[half:]), ("shuffled", shuffled),
                                  ("mixed", mixed), ("noise", noise))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fvd = {name: evaluate.fvd_from_stats(stats["a"], stats[name]) for name in ("b", "shuffled", "mixed", "noise")}
-    print(json.dumps(fvd))
-    assert fvd["b"] < fvd["shuffled"] < fvd["mixed"] < fvd["noise"] and 5 * fvd["b"] < fvd["noise"]
+        scores = {name: fvd.fvd_from_stats(stats["a"], stats[name]) for name in ("b", "shuffled", "mixed", "noise")}
+    print(json.dumps(scores))
+    assert scores["b"] < scores["shuffled"] < scores["mixed"] < scores["noise"] and 5 * scores["b"] < scores["noise"]
 
 
 def test_fvd_during_training_with_the_real_sampler_and_i3d(tmp_path):
-    """train() -> training_fvd at step 2: the real scan sampler, the real I3D weights, the demo
-    clips as the real set; the FVD lands in metrics.jsonl and eval.jsonl."""
+    """train() with the train job's periodic actions -> training_fvd at step 2: the real scan
+    sampler, the real I3D weights, the demo clips as the real set; the FVD lands in metrics.jsonl
+    and eval.jsonl."""
+    from fvdm_jax.jobs.train import periodic_actions
     from fvdm_jax.train import train
     from tiny_demo import tiny_demo_config
 
     config = tiny_demo_config()
     config.eval.every_steps = 2
     config.eval.train_num_videos = 2
-    train(config, str(tmp_path))
+    train(config, str(tmp_path), actions=periodic_actions(config, str(tmp_path)))
 
     logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     (fvd,) = [r["fvd2_9f"] for r in logged if "fvd2_9f" in r]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from fvdm_jax.fvd import FeatureStats, frechet_distance, fvd_from_stats
+from fvdm_jax.evaluation.fvd import FeatureStats, frechet_distance, fvd_from_stats
 
 
 def reference_fid(mu1, s1, mu2, s2):

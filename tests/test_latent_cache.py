@@ -15,7 +15,7 @@ from fvdm_jax.config_utils import load_config
 from fvdm_jax.convert.diffusers_vae import diffusers_tensor_shapes, write_safetensors
 from fvdm_jax.data import clips, latents
 from fvdm_jax.data.latents import LatentCacheSource
-from fvdm_jax.encode import FrameEncoder, encode_dataset
+from fvdm_jax.jobs.encode import FrameEncoder, encode_dataset
 from fvdm_jax.models.vae import vae_from_config
 from fvdm_jax.train import train
 
@@ -172,7 +172,9 @@ def test_sampling_a_latent_model_decodes_with_the_vae(encoded, tmp_path):
     clips; outputs are decoded pixels and frame 0 is the VAE round trip of the input."""
     from PIL import Image
 
-    from fvdm_jax.sample import VideoSampler, load_sampling_params, sample_job
+    from fvdm_jax.jobs.sample import sample_job
+    from fvdm_jax.sampling.sampler import VideoSampler
+    from fvdm_jax.sampling.weights import load_sampling_params
 
     config, workdir, _, _ = encoded
     config.data.source = "latents"
@@ -195,7 +197,7 @@ def test_sampling_a_latent_model_decodes_with_the_vae(encoded, tmp_path):
     assert os.path.isfile(tmp_path / "from_cache" / "media" / "video_00001.mp4")
 
     model_config, diffusion_config, params = load_sampling_params(config, workdir)
-    sampler = VideoSampler(config, params, model_config=model_config,
+    sampler = VideoSampler.from_config(config, params, model_config=model_config,
                            diffusion_config=diffusion_config)
     assert sampler.pixel_shape == (4, 32, 32, 3)
     pixels = np.random.default_rng(0).uniform(-1, 1, (2, 1, 32, 32, 3)).astype(np.float32)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fvdm_jax import report
 from fvdm_jax.config_utils import load_config
+from fvdm_jax.jobs import report
 from tiny_demo import tiny_demo_config
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))

@@ -14,9 +14,14 @@ from fvdm_jax import media
 from fvdm_jax.config_utils import load_config
 from fvdm_jax.data.demo import DemoClipSource, demo_options
 from fvdm_jax.data.video import read_video
+from fvdm_jax.diffusion.tasks import TASKS
+from fvdm_jax.jobs.export import export
+from fvdm_jax.jobs.sample import sample_job
+from fvdm_jax.jobs.train import periodic_actions
+from fvdm_jax.sampling.sampler import VideoSampler
+from fvdm_jax.sampling.weights import load_sampling_params
 from fvdm_jax.sharding import make_mesh
-from fvdm_jax.sample import TASKS, VideoSampler, load_sampling_params, sample_job
-from fvdm_jax.train import export, train
+from fvdm_jax.train import train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FRAMES, SIZE = 8, 32
@@ -47,7 +52,7 @@ def trained(tmp_path_factory):
     """Two training steps with samples written at step 2 (exercises TrainingSamples)."""
     workdir = str(tmp_path_factory.mktemp("sample_run"))
     config = small_demo_config(every_steps=2, train_tasks=("generate", "i2v"))
-    train(config, workdir)
+    train(config, workdir, actions=periodic_actions(config, workdir))
     return workdir
 
 
@@ -125,7 +130,7 @@ def test_sample_job_media_hold_and_resume(trained):
 def test_every_task(trained):
     config = small_demo_config(num_steps=2, total_frames=20, overlap=4, frame_indices="2,5")
     model_config, diffusion_config, params = load_sampling_params(config, trained)
-    sampler = VideoSampler(config, params, model_config=model_config,
+    sampler = VideoSampler.from_config(config, params, model_config=model_config,
                            diffusion_config=diffusion_config)
     clips = demo_clips(config, 2)
     rng = jax.random.key(1)
@@ -154,7 +159,7 @@ def test_every_task(trained):
     exact(out[:, :FRAMES], clips)
     assert sampler.run("extend", rng, batch_size=2).shape == (2, 20, SIZE, SIZE, 3)
 
-    rolling = VideoSampler(
+    rolling = VideoSampler.from_config(
         small_demo_config(num_steps=8, total_frames=10), params,
         model_config=model_config, diffusion_config=diffusion_config,
     )
@@ -167,7 +172,7 @@ def test_every_task(trained):
     # The same key gives the same videos on one device and on the 8-device mesh.
     one_device = make_mesh({"shape": (1, 1, 1), "axes": ("data", "fsdp", "tensor")},
                            jax.devices()[:1])
-    one = VideoSampler(config, params, mesh=one_device)
+    one = VideoSampler.from_config(config, params, mesh=one_device)
     np.testing.assert_allclose(one.run("i2v", rng, inputs=clips),
                                sampler.run("i2v", rng, inputs=clips), atol=2e-5)
 

@@ -17,8 +17,8 @@ from fvdm_jax.diffusion import (
     q_sample,
     respaced_alphas_cumprod,
     space_timesteps,
+    tasks,
 )
-from fvdm_jax.diffusion import tasks
 from fvdm_jax.diffusion.samplers import (
     Conditioning,
     cfg_model_fn,
@@ -27,6 +27,7 @@ from fvdm_jax.diffusion.samplers import (
     sample,
     step_noise,
 )
+from fvdm_jax.diffusion.schedule import timestep_grid
 from fvdm_jax.models.dit import DiT
 
 VECTORS = os.path.join(os.path.dirname(__file__), "data", "fvdm_official_tiny.npz")
@@ -61,7 +62,7 @@ def tiny():
 
 def per_frame_schedule():
     """(S=10, B, N) float timesteps, every frame on its own (scaled, off-grid) DDIM-10 path."""
-    t, t_next = tasks.timestep_grid("10")
+    t, t_next = timestep_grid("10")
     scale = np.array([[0.3, 1.0, 0.71, 0.45], [0.3, 0.93, 1.0, 0.2]], np.float32)
     taus = t[:, None, None] * scale
     nexts = np.where(t_next[:, None, None] < 0, -1.0, t_next[:, None, None] * scale)
@@ -125,7 +126,7 @@ def reference_loop(kind, model, x_T, taus, nexts, rng, cond=None, eta=0.0):
             if cond is None:
                 return z
             t = jnp.asarray(t, jnp.float32)
-            noised = q_sample(SCHEDULE, cond.values, t, conditioning_noise(rng, i, x.shape))
+            noised = q_sample(SCHEDULE, cond.values, t, conditioning_noise(rng, i, z.shape))
             shown = jnp.where((t > 0)[..., None, None, None], noised, cond.values)
             return jnp.where(mask5, shown, z)
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fvdm_jax.diffusion import Schedule, space_timesteps, step_pairs, tasks
+from fvdm_jax.diffusion import Schedule, space_timesteps, staggered, step_pairs, tasks
 from fvdm_jax.diffusion.samplers import make_sampler
 from fvdm_jax.models.dit import DiT
 
@@ -94,7 +94,7 @@ def test_task_errors():
     with pytest.raises(ValueError, match="policy"):
         tasks.i2v(STEPS, frames(1)[:, 0], N, policy="keep")
     with pytest.raises(ValueError, match="multiple of 3"):
-        tasks.diagonal(STEPS, B, 3)
+        staggered.diagonal(STEPS, B, 3)
     with pytest.raises(ValueError, match="shorter than one chunk"):
         tasks.generate_long(lambda c, k: None, frames(N), 3, overlap=2)
     with pytest.raises(ValueError, match="overlap=4"):
@@ -141,7 +141,7 @@ def _progress_checks(taus, nexts):
 def test_pyramid_schedule():
     levels = np.append(grid()[0], -1)
     for delay in (1, 2):
-        taus, nexts, cond = tasks.pyramid(STEPS, B, N, delay=delay)
+        taus, nexts, cond = staggered.pyramid(STEPS, B, N, delay=delay)
         assert cond is None and taus.shape == (10 + (N - 1) * delay, B, N)
         _progress_checks(taus, nexts)
         for k in range(N):  # frame k waits k * delay steps, then walks the whole grid once
@@ -155,8 +155,8 @@ def test_pyramid_schedule():
 def test_diagonal_schedule_rolls():
     for steps, num_frames in (("8", 4), ("12", 4)):
         d = int(steps) // num_frames
-        taus, nexts, cond = tasks.diagonal(steps, B, num_frames)
-        warm_t, warm_next, _ = tasks.diagonal_warmup(steps, B, num_frames)
+        taus, nexts, cond = staggered.diagonal(steps, B, num_frames)
+        warm_t, warm_next, _ = staggered.diagonal_warmup(steps, B, num_frames)
         assert taus.shape == (d, B, num_frames)
         assert warm_t.shape == ((num_frames - 1) * d, B, num_frames)
         assert (nexts < taus).all() and (taus[:, :, 1:] > taus[:, :, :-1]).all()  # staggered
@@ -177,7 +177,7 @@ def test_rolling_generate_driver():
         return w + 1.0  # every frame "advances" once per round
 
     new_frame = lambda r: np.full((B, 1, 1, 1), -(r + 1.0), np.float32)  # noqa: E731
-    out = tasks.rolling_generate(round_fn, window, 6, new_frame)
+    out = staggered.rolling_generate(round_fn, window, 6, new_frame)
     assert out.shape == (B, 6, 1, 1, 1) and rounds == list(range(6))
     # frames 0..3 start in the window; frame 4 is the noise appended after round 0, etc.
     np.testing.assert_array_equal(out[0, :, 0, 0, 0], [1, 2, 3, 4, 4 - 1, 4 - 2])

@@ -14,7 +14,9 @@ import pytest
 from fvdm_jax import sharding as shd
 from fvdm_jax.checkpoint import TrainCheckpointer, load_inference_checkpoint
 from fvdm_jax.config_utils import load_config
-from fvdm_jax.train import NonFiniteError, build_setup, export, train
+from fvdm_jax.errors import ConfigError
+from fvdm_jax.jobs.export import export
+from fvdm_jax.train import NonFiniteError, build_setup, train
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 STEPS = 5
@@ -107,7 +109,8 @@ def test_restore_onto_another_mesh(reference_run, tmp_path_factory):
     state = ckpt.restore_state(3, setup.abstract_state)
     ckpt.close()
     qkv = state.params["params"]["blocks"]["spatial"]["attn"]["qkv"]["kernel"]
-    assert qkv.sharding.spec == shd.spec_for(qkv.shape, ("layers", "embed", "qkv", "heads", "kv"), setup.mesh, setup.rules)
+    names = ("layers", "embed", "qkv", "heads", "kv")
+    assert qkv.sharding.spec == shd.spec_for(qkv.shape, names, setup.mesh, setup.rules)
     assert len(qkv.sharding.device_set) == 4
     # Continue on 4 devices: the data restarts at step 3 and training matches the 8-device run.
     result = train(config, workdir, devices=devices)
@@ -182,7 +185,7 @@ def test_export_writes_ema_inference_checkpoint(reference_run, tmp_path):
         jax.device_get(reference_run[0].state.ema_params)
     )
     # The EMA weights, not the raw ones (after one step from the same init they differ).
-    for exported, ema, raw in zip(leaves(params), leaves(result.state.ema_params), leaves(result.state.params)):
+    for exported, ema, _raw in zip(leaves(params), leaves(result.state.ema_params), leaves(result.state.params)):
         np.testing.assert_array_equal(exported, ema)
     assert any(not np.array_equal(e, r) for e, r in zip(leaves(result.state.ema_params), leaves(result.state.params)))
 
@@ -251,8 +254,9 @@ def test_unknown_config_keys_fail_at_once(tmp_path):
     config = tiny_config()
     config.train.unlock()
     config.train.learning_rate = 1.0
-    with pytest.raises(ValueError, match="unknown train config keys .'learning_rate'."):
+    with pytest.raises(ConfigError, match="train.learning_rate") as info:
         train(config, str(tmp_path))
+    assert "\n" not in str(info.value) and "lr" in str(info.value)  # one line, with a suggestion
 
 
 def test_ffs_xl_recipe_builds_sharded_state_abstractly():
@@ -285,7 +289,7 @@ def test_demo_config_trains_on_the_shipped_clips(tmp_path):
 
 
 def test_sampling_restores_only_the_ema_weights(one_step_run, tmp_path):
-    from fvdm_jax.sample import load_sampling_params
+    from fvdm_jax.sampling.weights import load_sampling_params
 
     config = tiny_config()
     model_config, diffusion_config, ema = load_sampling_params(config, one_step_run)

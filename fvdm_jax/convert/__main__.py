@@ -83,7 +83,8 @@ def convert_official(checkpoint, output, config=None, prefix="", num_heads=None)
 
 def main(argv):
     if len(argv) != 2 or argv[1] not in FORMATS:
-        raise app.UsageError(f"usage: python -m fvdm_jax.convert {{{'|'.join(FORMATS)}}} --checkpoint CKPT --output DIR")
+        formats = "|".join(FORMATS)
+        raise app.UsageError(f"usage: python -m fvdm_jax.convert {{{formats}}} --checkpoint CKPT --output DIR")
     if not _CHECKPOINT.value or not _OUTPUT.value:
         raise app.UsageError("--checkpoint and --output are required")
     try:

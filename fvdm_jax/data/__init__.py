@@ -1,16 +1,6 @@
-"""Training data: sources following the data-source contract, and per-host grain batches."""
+"""Training data: sources following the data-source contract (demo.py, folder.py, latents.py,
+synthetic.py) and per-host grain batches (pipeline.py). Importing the package imports none of them
+(grain and PyAV load only with the modules that use them)."""
 
-from fvdm_jax.data.demo import DemoClipSource
-from fvdm_jax.data.folder import VideoFolderSource
-from fvdm_jax.data.latents import LatentCacheSource
-from fvdm_jax.data.pipeline import host_batches, make_source
-from fvdm_jax.data.synthetic import SyntheticVideoSource
-
-__all__ = [
-    "DemoClipSource",
-    "LatentCacheSource",
-    "SyntheticVideoSource",
-    "VideoFolderSource",
-    "host_batches",
-    "make_source",
-]
+# The values of config.data.source (pipeline.make_source builds each).
+SOURCES = ("synthetic", "video_folder", "latents", "demo")

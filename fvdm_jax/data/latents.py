@@ -20,11 +20,14 @@ import glob
 import io
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from fvdm_jax.data import clips
+from fvdm_jax.errors import ConfigError
+from fvdm_jax.files import write_json
 
 META_FILE = "cache.json"
 SHARD_PATTERN = "latents-{:05d}.array_record"
@@ -43,10 +46,7 @@ def deserialize_record(data: bytes) -> dict[str, np.ndarray]:
 
 def write_meta(cache_dir: str, meta: Mapping[str, Any]) -> None:
     path = os.path.join(cache_dir, META_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(meta), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_json(path, dict(meta), indent=2)
 
 
 def read_meta(cache_dir: str) -> dict:
@@ -92,7 +92,7 @@ class LatentCacheSource:
         if not self.paths:
             raise FileNotFoundError(f"no latents-*.array_record shards in {self.cache_dir}")
         if dataset is not None and dataset != self.meta["dataset"]:
-            raise ValueError(
+            raise ConfigError(
                 f"data.dataset={dataset!r} but the cache in {self.cache_dir} holds "
                 f"{self.meta['dataset']!r}; point data.path at the right cache"
             )
@@ -103,7 +103,7 @@ class LatentCacheSource:
         self.sample_posterior = bool(sample_posterior)
         self.scale_factor = float(self.meta["scale_factor"])
         if clips.clip_rule(self.dataset).flip and not self.meta.get("flips", False):
-            raise ValueError(
+            raise ConfigError(
                 f"the {self.dataset} recipe flips clips but {self.cache_dir} has no mirrored "
                 f"latents; re-encode it"
             )
@@ -116,7 +116,7 @@ class LatentCacheSource:
 
             self._reader = ArrayRecordDataSource(self.paths)
             if len(self._reader) != self._length:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.cache_dir}: cache.json lists {self._length} videos but the shards "
                     f"hold {len(self._reader)}; the cache is incomplete, re-run the encode job"
                 )

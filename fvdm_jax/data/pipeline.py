@@ -33,16 +33,18 @@ import grain
 import numpy as np
 from absl import flags
 
+from fvdm_jax.data import SOURCES
 from fvdm_jax.data.synthetic import SyntheticVideoSource
+from fvdm_jax.errors import ConfigError
 
-SUPPORTED_SOURCES = ("synthetic", "video_folder", "latents", "demo")
+SUPPORTED_SOURCES = SOURCES
 
 
 def _required(config: Mapping[str, Any], key: str, section: str) -> Any:
     """`config[key]`, or a one-line error naming the missing `section.key`."""
     value = config.get(key)
     if value is None:
-        raise ValueError(f"config {section}.{key} is not set; pass --config.{section}.{key}=...")
+        raise ConfigError(f"config {section}.{key} is not set; pass --config.{section}.{key}=...")
     return value
 
 
@@ -71,7 +73,7 @@ def make_source(
     """
     source = data_config.get("source")
     if source not in SUPPORTED_SOURCES:
-        raise ValueError(
+        raise ConfigError(
             f"data.source={source!r} is not supported; use one of {', '.join(SUPPORTED_SOURCES)}."
         )
     num_classes = int(model_config.get("num_classes") or 0)
@@ -88,7 +90,7 @@ def make_source(
         from fvdm_jax.data.demo import DemoClipSource, demo_options
 
         if model_config.get("in_channels") != 3:
-            raise ValueError("data.source='demo' yields RGB pixels; set model.in_channels=3.")
+            raise ConfigError("data.source='demo' yields RGB pixels; set model.in_channels=3.")
         built = DemoClipSource(
             num_examples=_required(data_config, "num_examples", "data"),
             num_frames=_required(model_config, "num_frames", "model"),
@@ -99,7 +101,7 @@ def make_source(
             **demo_options(data_config),
         )
         if num_classes and built.num_classes != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"a class-conditional demo model labels each clip: data.demo_clips has "
                 f"{built.num_classes} clips but model.num_classes={num_classes}; set "
                 f"model.num_classes={built.num_classes} (or 0: unconditional)"
@@ -110,7 +112,7 @@ def make_source(
 
         cache = data_config.get("cache_path") or (workdir and os.path.join(workdir, "latents"))
         if not cache:
-            raise ValueError("data.source='latents' needs data.cache_path (or a workdir)")
+            raise ConfigError("data.source='latents' needs data.cache_path (or a workdir)")
         built = LatentCacheSource(
             cache,
             num_frames=_required(model_config, "num_frames", "model"),
@@ -134,7 +136,7 @@ def make_source(
         )
         logging.info("%s", built.describe())
     if built.num_classes != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"data.path has {built.num_classes} classes but model.num_classes={num_classes}; "
             f"set model.num_classes={built.num_classes}"
         )
@@ -285,7 +287,7 @@ class HostBatchIterator(grain.DatasetIterator):
         self._assert_not_closed()
         step = int(state["step"])
         if step < 0:
-            raise ValueError(f"iterator state step={step} must be >= 0.")
+            raise ConfigError(f"iterator state step={step} must be >= 0.")
         if step == self._step:
             return
         # Stop the old pipeline's worker processes before starting new ones.
@@ -346,21 +348,21 @@ def host_batches(
       with `grain.checkpoint.CheckpointSave` / `CheckpointRestore`.
     """
     if global_batch_size <= 0 or process_count <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size={global_batch_size} and process_count={process_count} must be "
             "positive."
         )
     if global_batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size={global_batch_size} is not divisible by "
             f"process_count={process_count}; use a multiple of {process_count}."
         )
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
+        raise ConfigError(f"process_index={process_index} is outside [0, {process_count}).")
     if start_step < 0:
-        raise ValueError(f"start_step={start_step} must be >= 0.")
+        raise ConfigError(f"start_step={start_step} must be >= 0.")
     if min(num_workers, read_threads, prefetch_batches) < 0:
-        raise ValueError(
+        raise ConfigError(
             f"num_workers={num_workers}, read_threads={read_threads} and "
             f"prefetch_batches={prefetch_batches} must be >= 0."
         )

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fvdm_jax.errors import ConfigError
+
 
 class SyntheticVideoSource:
     """Random-access source of `{'video': float32 (F, H, W, C) in [-1, 1], 'label': int32 ()}`.
@@ -50,18 +52,18 @@ class SyntheticVideoSource:
         max_speed: largest phase advance of a wave in radians per frame (either direction).
         """
         if num_examples <= 0:
-            raise ValueError(f"num_examples={num_examples} must be positive.")
+            raise ConfigError(f"num_examples={num_examples} must be positive.")
         if min(num_frames, image_size, channels, num_waves) <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"num_frames={num_frames}, image_size={image_size}, channels={channels} and "
                 f"num_waves={num_waves} must all be positive."
             )
         if num_classes < 0:
-            raise ValueError(f"num_classes={num_classes} must be >= 0 (0 = unconditional).")
+            raise ConfigError(f"num_classes={num_classes} must be >= 0 (0 = unconditional).")
         if max_cycles is None:
             max_cycles = max(image_size / 4, 2 * min_cycles)
         if not 0 < min_cycles < max_cycles:
-            raise ValueError(
+            raise ConfigError(
                 f"need 0 < min_cycles ({min_cycles}) < max_cycles ({max_cycles}); raise "
                 "max_cycles or image_size."
             )

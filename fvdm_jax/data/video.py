@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fvdm_jax.errors import ConfigError
+
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -281,9 +283,9 @@ def read_frames(
     if indices is not None:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(indices) and indices.min() < 0:
-            raise ValueError(f"frame indices must be >= 0, got {indices.min()}.")
+            raise ConfigError(f"frame indices must be >= 0, got {indices.min()}.")
         if len(indices) == 0:
-            raise ValueError("read_frames got an empty list of frame indices.")
+            raise ConfigError("read_frames got an empty list of frame indices.")
     if path.is_dir():
         return _read_folder_frames(path, indices)
     return _read_video_file_frames(path, indices, seek_min_frame=seek_min_frame, threads=threads)

@@ -1,5 +1,6 @@
 """Per-frame (vectorized-timestep) diffusion: schedules, PTSS, losses and sampling steps."""
 
+from fvdm_jax.diffusion import tasks
 from fvdm_jax.diffusion.gaussian import (
     p_mean_variance,
     predict_eps_from_xstart,
@@ -9,7 +10,6 @@ from fvdm_jax.diffusion.gaussian import (
 )
 from fvdm_jax.diffusion.losses import loss_terms, training_losses
 from fvdm_jax.diffusion.ptss import sample_frame_timesteps
-from fvdm_jax.diffusion import tasks
 from fvdm_jax.diffusion.samplers import (
     SAMPLERS,
     Conditioning,

@@ -9,7 +9,7 @@ variance. vb switches to the discretized decoder NLL only when ALL frames of a s
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from fvdm_jax.diffusion.gaussian import (
     eps_output,
     p_mean_variance,
-    prediction_target,
     predict_xstart_from_eps,
+    prediction_target,
     q_posterior_mean_variance,
     q_sample,
 )

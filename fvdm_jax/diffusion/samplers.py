@@ -14,7 +14,7 @@ model's x_0 prediction and no noise, which is the official treatment of frames a
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -140,7 +140,7 @@ class Conditioning:
             raise ValueError(f"conditioning policy={self.policy!r} is not one of {POLICIES}")
 
 
-def as_conditioning(cond) -> Optional[Conditioning]:
+def as_conditioning(cond) -> Conditioning | None:
     """None, a Conditioning, or a dict with mask, values and optional policy -> Conditioning."""
     if cond is None or isinstance(cond, Conditioning):
         return cond
@@ -168,7 +168,7 @@ def conditioning_noise(rng, step, shape):
     )
 
 
-def show_conditioning(schedule: Schedule, x, tau, cond: Optional[Conditioning], noise):
+def show_conditioning(schedule: Schedule, x, tau, cond: Conditioning | None, noise):
     """The input the model sees: under 'hold', conditioning frames are `values` (tau <= 0) or
     q_sample(values, tau, noise) (tau > 0); everything else is x. 'replace' and None: x."""
     if cond is None or cond.policy != "hold":

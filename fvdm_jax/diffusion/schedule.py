@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,7 @@ class Schedule:
         object.__setattr__(self, "alphas_cumprod", np.cumprod(1.0 - betas))
 
     @classmethod
-    def from_config(cls, diffusion_config: Mapping[str, Any]) -> "Schedule":
+    def from_config(cls, diffusion_config: Mapping[str, Any]) -> Schedule:
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(diffusion_config.keys()) - known)
         if unknown:
@@ -187,7 +188,7 @@ class VPSDE:
     num_timesteps: int = 1000
 
     @classmethod
-    def from_schedule(cls, schedule: Schedule) -> "VPSDE":
+    def from_schedule(cls, schedule: Schedule) -> VPSDE:
         if schedule.beta_schedule != "linear":
             raise ValueError("the VP-SDE view exists for the linear beta schedule only")
         scale = 1000.0 / schedule.num_timesteps
@@ -225,3 +226,21 @@ class VPSDE:
         """float64 betas of the discretization: beta(i / (T-1)) / T for i = 0..T-1."""
         i = np.arange(self.num_timesteps, dtype=np.float64)
         return self.beta(i / (self.num_timesteps - 1)) / self.num_timesteps
+
+
+def timestep_grid(steps, num_timesteps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Descending (t, t_next) of a respacing spec, float32 (S,), original units, t_next[-1] = -1."""
+    t, t_next = step_pairs(space_timesteps(num_timesteps, steps))
+    return t.astype(np.float32), t_next.astype(np.float32)
+
+
+def check_positive(**values):
+    for name, value in values.items():
+        if int(value) < 1:
+            raise ValueError(f"{name}={value} must be at least 1")
+
+
+def check_video(name: str, video, ndim: int = 5):
+    if np.ndim(video) != ndim:
+        want = "(B, K, H, W, C)" if ndim == 5 else "(B, H, W, C)"
+        raise ValueError(f"{name} has shape {tuple(np.shape(video))}; expected {want}")

@@ -12,6 +12,8 @@ them down m * t -> m * t_next and ends them clean with the other frames. What th
 with them is the policy: 'hold' (default) shows them to the model as their clean values (noised
 to tau when tau > 0) and keeps them exact; 'replace' is the official sampler (see `Conditioning`).
 
+`TASKS` (the registry at the end) names every task with its inputs and its schedule builder.
+
 Long videos: `extend` + `generate_long` (the paper: chunks conditioned on the previous chunk's
 last M frames), `pyramid` (Diffusion Forcing's staggered schedule on one window), and
 `diagonal` / `diagonal_warmup` / `rolling_generate` (FIFO-Diffusion's rolling diagonal window).
@@ -19,37 +21,28 @@ last M frames), `pyramid` (Diffusion Forcing's staggered schedule on one window)
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from fvdm_jax.diffusion.gaussian import q_sample
 from fvdm_jax.diffusion.samplers import POLICIES, Conditioning
-from fvdm_jax.diffusion.schedule import Schedule, space_timesteps, step_pairs
-
-
-def timestep_grid(steps, num_timesteps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """Descending (t, t_next) of a respacing spec, float32 (S,), original units, t_next[-1] = -1."""
-    t, t_next = step_pairs(space_timesteps(num_timesteps, steps))
-    return t.astype(np.float32), t_next.astype(np.float32)
+from fvdm_jax.diffusion.schedule import Schedule, check_positive, check_video, timestep_grid
+from fvdm_jax.diffusion.staggered import pyramid
 
 
 def uniform_schedule(steps, batch: int, num_frames: int, *, num_timesteps: int = 1000):
     """Every frame at the same t: (taus, tau_next), each (S, B, N) float32."""
-    _check_positive(batch=batch, num_frames=num_frames)
+    check_positive(batch=batch, num_frames=num_frames)
     t, t_next = timestep_grid(steps, num_timesteps)
     shape = (t.shape[0], batch, num_frames)
     return (
         np.broadcast_to(t[:, None, None], shape).copy(),
         np.broadcast_to(t_next[:, None, None], shape).copy(),
     )
-
-
-def _check_positive(**values):
-    for name, value in values.items():
-        if int(value) < 1:
-            raise ValueError(f"{name}={value} must be at least 1")
 
 
 def _check_indices(indices, num_frames: int, count: int | None = None) -> np.ndarray:
@@ -63,12 +56,6 @@ def _check_indices(indices, num_frames: int, count: int | None = None) -> np.nda
     if count is not None and idx.size != count:
         raise ValueError(f"{idx.size} frame indices {idx.tolist()} for {count} given frames")
     return idx
-
-
-def _check_video(name: str, video, ndim: int = 5):
-    if np.ndim(video) != ndim:
-        want = "(B, K, H, W, C)" if ndim == 5 else "(B, H, W, C)"
-        raise ValueError(f"{name} has shape {tuple(np.shape(video))}; expected {want}")
 
 
 def condition_frames(
@@ -86,8 +73,8 @@ def condition_frames(
     Returns (taus, tau_next, cond): generated frames follow t, conditioning frames m * t (m = 0:
     tau 0 / tau_next -1 every step). Any-frame conditioning; the other tasks call this.
     """
-    _check_video("frames", frames)
-    _check_positive(num_frames=num_frames)
+    check_video("frames", frames)
+    check_positive(num_frames=num_frames)
     if not 0.0 <= float(noise_multiplier) <= 1.0:
         raise ValueError(f"noise_multiplier={noise_multiplier} must lie in [0, 1]")
     if policy not in POLICIES:
@@ -120,13 +107,13 @@ def any_frame(steps, frames, indices, num_frames: int, **kw):
 
 def i2v(steps, image, num_frames: int, **kw):
     """Image-to-video: image (B, H, W, C) is frame 0 (tau 0, or m * t)."""
-    _check_video("image", image, ndim=4)
+    check_video("image", image, ndim=4)
     return condition_frames(steps, jnp.asarray(image)[:, None], [0], num_frames, **kw)
 
 
 def interpolate(steps, keyframes, num_frames: int, indices=None, **kw):
     """Interpolation: keyframes (B, K, H, W, C) at `indices` (default: K = 2 at 0 and N-1)."""
-    _check_video("keyframes", keyframes)
+    check_video("keyframes", keyframes)
     if indices is None:
         if np.shape(keyframes)[1] != 2:
             raise ValueError(
@@ -140,9 +127,9 @@ def interpolate(steps, keyframes, num_frames: int, indices=None, **kw):
 def transition(steps, clip_a, clip_b, num_frames: int, overlap: int, **kw):
     """Transition: the last `overlap` frames of clip_a (B, Fa, ...) open the window, the first
     `overlap` frames of clip_b close it, the N - 2 * overlap frames between are generated."""
-    _check_video("clip_a", clip_a)
-    _check_video("clip_b", clip_b)
-    _check_positive(overlap=overlap)
+    check_video("clip_a", clip_a)
+    check_video("clip_b", clip_b)
+    check_positive(overlap=overlap)
     if 2 * overlap >= num_frames:
         raise ValueError(
             f"transition overlap={overlap} leaves no frame to generate in {num_frames} frames; "
@@ -162,7 +149,7 @@ def transition(steps, clip_a, clip_b, num_frames: int, overlap: int, **kw):
 
 def next_frame(steps, context, **kw):
     """Next-frame prediction: context (B, N-1, ...) are frames 0..N-2, frame N-1 is generated."""
-    _check_video("context", context)
+    check_video("context", context)
     count = np.shape(context)[1]
     return condition_frames(steps, context, list(range(count)), count + 1, **kw)
 
@@ -170,7 +157,7 @@ def next_frame(steps, context, **kw):
 def extend(steps, previous, num_frames: int, overlap: int, **kw):
     """One long-video chunk: the last `overlap` frames of `previous` (B, F, ...) become frames
     0..overlap-1 of an N-frame window; the other N - overlap frames are generated."""
-    _check_video("previous", previous)
+    check_video("previous", previous)
     if not 0 < overlap < num_frames:
         raise ValueError(f"overlap={overlap} must lie in [1, num_frames - 1 = {num_frames - 1}]")
     if np.shape(previous)[1] < overlap:
@@ -191,28 +178,30 @@ def generate_long(
 ):
     """Long video from N-frame windows: returns (B, total_frames, H, W, C).
 
-    first_chunk (B, N, ...) opens the video. Chunk k >= 1 is sample_chunk_fn(context, k) ->
-    (B, N, ...), where context (B, overlap, ...) is the previous chunk's output's last `overlap`
-    frames (which the chunk holds clean as its frames 0..overlap-1, e.g. via `extend`); its other
+    first_chunk (B, K, ...) opens the video (K = chunk = N by default; with `chunk` = N given,
+    any K >= overlap, e.g. a short real clip). Chunk k >= 1 is sample_chunk_fn(context, k) ->
+    (B, N, ...), where context (B, overlap, ...) is the previous chunk's last `overlap` frames
+    (which the chunk holds clean as its frames 0..overlap-1, e.g. via `extend`); its other
     N - overlap frames are appended. 16 + 14 * 8 = 128 frames take 15 chunks of 16 with overlap 8;
     a last chunk that overshoots is cut to total_frames.
     """
-    _check_video("first_chunk", first_chunk)
-    size = np.shape(first_chunk)[1]
-    if chunk is not None and chunk != size:
-        raise ValueError(f"chunk={chunk} but first_chunk has {size} frames")
+    check_video("first_chunk", first_chunk)
+    opening = np.shape(first_chunk)[1]
+    size = opening if chunk is None else int(chunk)
+    if chunk is None and opening < 2:
+        raise ValueError(f"first_chunk has {opening} frames; pass chunk=N for a short opening")
     if not 0 < overlap < size:
         raise ValueError(f"overlap={overlap} must lie in [1, chunk - 1 = {size - 1}]")
+    if opening < overlap:
+        raise ValueError(f"the opening has {opening} frames, fewer than overlap={overlap}")
     if total_frames < size:
         raise ValueError(f"total_frames={total_frames} is shorter than one chunk of {size}")
-    pieces, previous, count, index = [first_chunk], first_chunk, size, 1
+    want = (np.shape(first_chunk)[0], size) + tuple(np.shape(first_chunk)[2:])
+    pieces, previous, count, index = [first_chunk], first_chunk, opening, 1
     while count < total_frames:
         out = sample_chunk_fn(previous[:, -overlap:], index)
-        if tuple(np.shape(out)) != tuple(np.shape(first_chunk)):
-            raise ValueError(
-                f"sample_chunk_fn returned shape {tuple(np.shape(out))}; expected "
-                f"{tuple(np.shape(first_chunk))}"
-            )
+        if tuple(np.shape(out)) != want:
+            raise ValueError(f"sample_chunk_fn returned shape {tuple(np.shape(out))}; expected {want}")
         pieces.append(out[:, overlap:])
         previous, count, index = out, count + size - overlap, index + 1
     return jnp.concatenate([jnp.asarray(p) for p in pieces], axis=1)[:, :total_frames]
@@ -240,7 +229,7 @@ def progressive(
     if slope <= 0:
         raise ValueError(f"slope={slope} must be > 0")
     if image is not None:
-        _check_video("image", image, ndim=4)
+        check_video("image", image, ndim=4)
         batch = np.shape(image)[0]
     if batch is None:
         raise ValueError("progressive needs batch=... when no image is given")
@@ -272,111 +261,146 @@ def start_from(schedule: Schedule, noise, taus, guess=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Staggered schedules: Diffusion Forcing's pyramid and FIFO-Diffusion's rolling diagonal.
-# Levels G = [t_0 = T-1 > ... > t_{S-1} = 0, -1] of a respacing; a frame's progress p says it
-# sits at G[p] (p = S: clean). A frame that must wait is given tau = tau_next = T-1 (pure noise,
-# not moving); a finished frame tau = tau_next = 0 (shown clean, not moving: DDPM and the SDE/ODE
-# samplers keep it exactly, DDIM up to rounding).
+# The task registry: the one place that knows every task's name, its inputs and its schedule.
+# The sampler, the sampling job and evaluation all read it.
 
 
-def _levels(steps, num_timesteps):
-    t, t_next = timestep_grid(steps, num_timesteps)
-    return np.append(t, t_next[-1])  # (S + 1,), last -1
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """What one N-frame window of a task is built from (clips in model space, (B, K, ...))."""
+
+    steps: Any  # a respacing spec
+    batch: int
+    num_frames: int
+    num_timesteps: int
+    clips: Any = None
+    frame_indices: Sequence[int] | None = None
+    noise_multiplier: float = 0.0
+    policy: str = "hold"
+    slope: float = 0.1
+    delay: int = 1
+
+    @property
+    def conditioning(self) -> dict:
+        return dict(noise_multiplier=self.noise_multiplier, policy=self.policy,
+                    num_timesteps=self.num_timesteps)
 
 
-def _from_progress(levels, progress):
-    """(taus, tau_next) float32 for integer progress (..., N): progress < 0 waits at (T-1, T-1),
-    0 <= p < S steps G[p] -> G[p+1], p >= S (finished) rests at (0, 0)."""
-    num_levels = levels.shape[0] - 1
-    p = np.clip(progress, 0, num_levels - 1)
-    waiting, done = progress < 0, progress >= num_levels
-    tau, nxt = levels[p], levels[p + 1]
-    tau = np.where(waiting, levels[0], np.where(done, levels[num_levels - 1], tau))
-    nxt = np.where(waiting, levels[0], np.where(done, levels[num_levels - 1], nxt))
-    return tau.astype(np.float32), nxt.astype(np.float32)
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """name; inputs: 'none' | 'required' | 'optional'; long: the output has sample.total_frames
+    frames (driven window by window); evaluation: how FVD feeds it real clips ('none': sampled
+    from noise, 'window': the real clip of the model's window, 'context': its first overlap
+    frames; None: not evaluated); default_overlap(N) for the tasks that have one; build(Window) ->
+    (taus, tau_next, cond, guess) for single-window tasks; noised_start: its frames start below
+    T - 1, so x_T is `start_from(schedule, noise, taus, guess)` (guess: the clean estimate they
+    are noised from, None: zeros), else pure noise."""
+
+    name: str
+    inputs: str = "none"
+    long: bool = False
+    evaluation: str | None = None
+    default_overlap: Callable[[int], int] | None = None
+    build: Callable[[Window], tuple] | None = None
+    noised_start: bool = False
+
+    @property
+    def needs_inputs(self) -> bool:
+        return self.inputs == "required"
+
+    @property
+    def takes_inputs(self) -> bool:
+        return self.inputs != "none"
+
+    def overlap(self, num_frames: int, given: int | None = None) -> int:
+        if given:
+            return int(given)
+        if self.default_overlap is None:
+            raise ValueError(f"task {self.name} has no overlap")
+        return int(self.default_overlap(num_frames))
 
 
-def pyramid(steps, batch: int, num_frames: int, *, delay: int = 1, num_timesteps: int = 1000):
-    """Diffusion Forcing's pyramid on one window: frame k starts denoising after k * delay steps
-    and walks the whole grid; S + (N - 1) * delay steps in all, every frame ends clean.
-    Returns (taus, tau_next, None), (S', B, N)."""
-    _check_positive(batch=batch, num_frames=num_frames, delay=delay)
-    levels = _levels(steps, num_timesteps)
-    num_levels = levels.shape[0] - 1
-    m = np.arange(num_levels + (num_frames - 1) * delay)[:, None]
-    progress = m - delay * np.arange(num_frames)[None, :]  # (S', N)
-    tau, nxt = _from_progress(levels, progress)
-    shape = (tau.shape[0], batch, num_frames)
-    return (
-        np.broadcast_to(tau[:, None], shape).copy(),
-        np.broadcast_to(nxt[:, None], shape).copy(),
-        None,
-    )
+def keyframes(clips, indices, num_frames: int, task: str):
+    """(frames (B, K', ...), indices) for interpolate / any_frame: K = N clips are taken at the
+    indices (default first and last), K = len(indices) clips are the keyframes in order."""
+    if indices is None:
+        if task == "any_frame":
+            raise ValueError("task any_frame needs sample.frame_indices, e.g. '0,4'")
+        indices = [0, num_frames - 1]
+    indices = [int(i) for i in indices]
+    k = np.shape(clips)[1]
+    if k == num_frames:
+        return clips[:, np.asarray(indices)], indices
+    if k == len(indices):
+        return clips, indices
+    raise ValueError(f"{task} got {k} input frames for keyframes {indices}: give a {num_frames}-"
+                     f"frame video or exactly {len(indices)} frames (images)")
 
 
-def _levels_per_frame(steps, num_frames, num_timesteps):
-    _check_positive(num_frames=num_frames)
-    levels = _levels(steps, num_timesteps)
-    num_levels = levels.shape[0] - 1
-    if num_frames < 2 or num_levels % num_frames:
-        raise ValueError(
-            f"the rolling diagonal needs num_frames >= 2 dividing the {num_levels} levels of "
-            f"steps={steps!r}; use steps=a multiple of {num_frames}"
-        )
-    return levels, num_levels // num_frames
+def _build_generate(w: Window):
+    return (*generate(w.steps, w.batch, w.num_frames, num_timesteps=w.num_timesteps), None)
 
 
-def diagonal(steps, batch: int, num_frames: int, *, num_timesteps: int = 1000):
-    """One round of FIFO-Diffusion's rolling diagonal window: (taus, tau_next, None), (d, B, N)
-    with d = S / N levels per frame (S must be a multiple of N).
-
-    At round start frame k (0 = oldest) is at progress (N-1-k) * d: frame N-1 is pure noise,
-    frame 0 is d steps from clean. After the round's d steps frame 0 is clean; pop it, shift,
-    and append a fresh noise frame (see `rolling_generate`): every frame is then exactly where
-    the round starts it. Reach the first round's state from noise with `diagonal_warmup`.
-    """
-    _check_positive(batch=batch)
-    levels, d = _levels_per_frame(steps, num_frames, num_timesteps)
-    j = np.arange(d)[:, None]
-    progress = (num_frames - 1 - np.arange(num_frames))[None, :] * d + j  # (d, N)
-    tau, nxt = _from_progress(levels, progress)
-    shape = (d, batch, num_frames)
-    return (
-        np.broadcast_to(tau[:, None], shape).copy(),
-        np.broadcast_to(nxt[:, None], shape).copy(),
-        None,
-    )
+def _build_pyramid(w: Window):
+    return (*pyramid(w.steps, w.batch, w.num_frames, delay=w.delay, num_timesteps=w.num_timesteps),
+            None)
 
 
-def diagonal_warmup(steps, batch: int, num_frames: int, *, num_timesteps: int = 1000):
-    """From an all-noise window to the start of a `diagonal` round: a pyramid (delay d) cut
-    after (N - 1) * d steps. Returns (taus, tau_next, None), ((N-1) d, B, N)."""
-    _check_positive(batch=batch)
-    levels, d = _levels_per_frame(steps, num_frames, num_timesteps)
-    m = np.arange((num_frames - 1) * d)[:, None]
-    progress = m - d * np.arange(num_frames)[None, :]
-    tau, nxt = _from_progress(levels, progress)
-    shape = (tau.shape[0], batch, num_frames)
-    return (
-        np.broadcast_to(tau[:, None], shape).copy(),
-        np.broadcast_to(nxt[:, None], shape).copy(),
-        None,
-    )
+def _build_i2v(w: Window):
+    return (*i2v(w.steps, w.clips[:, 0], w.num_frames, **w.conditioning), None)
 
 
-def rolling_generate(round_fn: Callable, window, num_output_frames: int, new_frame_fn: Callable):
-    """Runs a rolling window: returns (B, num_output_frames, H, W, C).
+def _build_keyframes(name):
+    def build(w: Window):
+        frames, indices = keyframes(w.clips, w.frame_indices, w.num_frames, name)
+        return (*any_frame(w.steps, frames, indices, w.num_frames, **w.conditioning), None)
 
-    window (B, N, H, W, C) is in the state a round starts from (after `diagonal_warmup`). Each
-    round r: window = round_fn(window, r) (e.g. `sample` over the `diagonal` arrays); frame 0
-    (now clean) is emitted; the window shifts by one and new_frame_fn(r) -> (B, H, W, C) (fresh
-    noise) is appended as frame N-1.
-    """
-    _check_video("window", window)
-    _check_positive(num_output_frames=num_output_frames)
-    emitted = []
-    for r in range(num_output_frames):
-        window = round_fn(window, r)
-        emitted.append(window[:, 0])
-        window = jnp.concatenate([window[:, 1:], jnp.asarray(new_frame_fn(r))[:, None]], axis=1)
-    return jnp.stack(emitted, axis=1)
+    return build
+
+
+def _build_transition(w: Window):
+    overlap = np.shape(w.clips)[1] // 2
+    if np.shape(w.clips)[1] != 2 * overlap or overlap == 0:
+        raise ValueError(f"transition inputs have {np.shape(w.clips)[1]} frames; need 2 * overlap "
+                         f"(the end of clip A, then the start of clip B)")
+    a, b = w.clips[:, :overlap], w.clips[:, overlap:]
+    return (*transition(w.steps, a, b, w.num_frames, overlap, **w.conditioning), None)
+
+
+def _build_next_frame(w: Window):
+    n = w.num_frames
+    if np.shape(w.clips)[1] < n - 1:
+        raise ValueError(f"next_frame needs {n - 1} context frames, got {np.shape(w.clips)[1]}")
+    return (*next_frame(w.steps, w.clips[:, : n - 1], **w.conditioning), None)
+
+
+def _build_progressive(w: Window):
+    image = None if w.clips is None else w.clips[:, 0]
+    taus, nxt, cond = progressive(w.steps, w.num_frames, batch=w.batch, image=image, slope=w.slope,
+                                  policy=w.policy, num_timesteps=w.num_timesteps)
+    return taus, nxt, cond, None if image is None else image[:, None]
+
+
+TASKS = {task.name: task for task in (
+    Task("generate", evaluation="none", build=_build_generate),
+    Task("i2v", inputs="required", evaluation="window", build=_build_i2v),
+    Task("interpolate", inputs="required", evaluation="window", build=_build_keyframes("interpolate")),
+    Task("any_frame", inputs="required", build=_build_keyframes("any_frame")),
+    Task("transition", inputs="required", default_overlap=lambda n: max(1, n // 4),
+         build=_build_transition),
+    Task("next_frame", inputs="required", build=_build_next_frame),
+    Task("extend", inputs="optional", long=True, evaluation="context",
+         default_overlap=lambda n: n // 2),
+    Task("progressive", inputs="optional", build=_build_progressive, noised_start=True),
+    Task("pyramid", build=_build_pyramid),
+    Task("rolling", long=True),
+)}
+TASK_NAMES = tuple(TASKS)
+EVAL_TASKS = tuple(name for name, task in TASKS.items() if task.evaluation is not None)
+
+
+def get_task(name: str) -> Task:
+    """The registry entry of `name`, or a one-line error listing the tasks."""
+    if name not in TASKS:
+        raise ValueError(f"task {name!r} is not one of {list(TASKS)}")
+    return TASKS[name]

@@ -38,7 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
-TASKS = ("generate", "i2v", "interpolate", "extend")
+from fvdm_jax import files
+from fvdm_jax.diffusion.tasks import EVAL_TASKS, get_task
+
+TASKS = EVAL_TASKS  # the tasks evaluation can score (fvdm_jax/diffusion/tasks.py)
 MIN_VIDEOS = 8
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.py"
 
@@ -157,7 +160,7 @@ def check_data(config) -> str:
         from fvdm_jax.data.demo import DemoClipSource, demo_options
 
         try:
-            source = DemoClipSource(num_examples=1, num_frames=int(config.model.num_frames),
+            source = DemoClipSource(num_examples=int(config.data.num_examples), num_frames=int(config.model.num_frames),
                                     image_size=int(config.model.input_size),
                                     frame_interval=int(config.data.frame_interval),
                                     **demo_options(config.data))
@@ -193,14 +196,6 @@ def _read_json(path: str):
         return json.load(f)
 
 
-def _write_json(path: str, value) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-    os.replace(temporary, path)
-
-
 def train_model(config, workdir: str) -> None:
     """Trains (or finishes training) one model; a finished one is left alone."""
     from fvdm_jax.checkpoint import TrainCheckpointer
@@ -226,17 +221,17 @@ class RealSets:
         self._sets = {}
 
     def get(self, num_frames: int, seed: int, num_videos: int):
-        from fvdm_jax import evaluate
-        from fvdm_jax.data.fvd_videos import open_real
+        from fvdm_jax.evaluation.features import protocol_from_config, real_statistics
+        from fvdm_jax.evaluation.videos import open_real
 
         key = (num_frames, seed, num_videos)
         if key not in self._sets:
             config = self.config.copy_and_resolve_references()
             config.eval.seed = seed
-            protocol = evaluate._protocol(config, num_frames, self.resolution, num_videos=num_videos)
+            protocol = protocol_from_config(config, num_frames, self.resolution, num_videos=num_videos)
             real = open_real(config, protocol, labels=int(config.model.num_classes or 0) > 0)
-            stats, _ = evaluate.real_statistics(real, protocol, self.detector, self.cache_dir,
-                                                self.batch, int(config.eval.num_workers))
+            stats, _ = real_statistics(real, protocol, self.detector, self.cache_dir, self.batch,
+                                       int(config.eval.num_workers))
             self._sets[key] = (real, stats)
         return self._sets[key]
 
@@ -245,9 +240,10 @@ def evaluate_model(config, workdir: str, p: float, tasks, seeds, num_videos: int
                    sheets_dir: str) -> list[dict]:
     """The FVD rows of one model, computing only those not stored yet."""
     from fvdm_jax import media
-    from fvdm_jax.fvd import detector_batch_size, fvd_from_stats
-    from fvdm_jax.report import task_features
-    from fvdm_jax.sample import VideoSampler, load_sampling_params
+    from fvdm_jax.evaluation.features import task_features
+    from fvdm_jax.evaluation.fvd import detector_batch_size, fvd_from_stats
+    from fvdm_jax.sampling.sampler import VideoSampler
+    from fvdm_jax.sampling.weights import load_sampling_params
 
     rows, sampler = [], None
     window = int(config.model.num_frames)
@@ -259,11 +255,11 @@ def evaluate_model(config, workdir: str, p: float, tasks, seeds, num_videos: int
                 continue
             if sampler is None:
                 model_config, diffusion_config, params = load_sampling_params(config, workdir)
-                sampler = VideoSampler(config, params, model_config=model_config,
-                                       diffusion_config=diffusion_config)
-            frames = 2 * window if task == "extend" else window
+                sampler = VideoSampler.from_config(config, params, model_config=model_config,
+                                                   diffusion_config=diffusion_config)
+            frames = 2 * window if get_task(task).long else window
             task_config = config.copy_and_resolve_references()
-            if task == "extend":
+            if get_task(task).long:
                 task_config.sample.total_frames = frames
             batch = detector_batch_size(int(config.eval.batch_size), frames, reals.detector.batch_divisor)
             real, real_stats = reals.get(frames, seed, num_videos)
@@ -275,7 +271,7 @@ def evaluate_model(config, workdir: str, p: float, tasks, seeds, num_videos: int
                    "num_generated": int(stats.count), "num_real": int(real_stats.count),
                    "num_frames": frames, "steps": int(config.train.num_steps),
                    "seconds": time.perf_counter() - clock, "detector": reals.detector.name}
-            _write_json(path, row)
+            files.write_json(path, row)
             rows.append(row)
             if seed == seeds[0] and keep:
                 videos = np.stack(keep)
@@ -337,10 +333,9 @@ def results_plot(table: dict, ps, tasks, path: str) -> str | None:
     axis.grid(True, alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    temporary = f"{path}.tmp{os.getpid()}.png"
-    figure.savefig(temporary)
+    with files.atomic_path(path) as temporary:
+        figure.savefig(temporary)
     plt.close(figure)
-    os.replace(temporary, path)
     return path
 
 
@@ -353,11 +348,11 @@ def run(argv) -> dict:
     import jax
 
     from fvdm_jax import sharding as shd
-    from fvdm_jax.fvd import detector_batch_size, load_detector
+    from fvdm_jax.evaluation.fvd import detector_batch_size, load_detector
     from fvdm_jax.train import validate_config
 
     try:
-        validate_config(config)
+        validate_config(config, near=args.config)
     except ValueError as error:
         raise ExperimentError(str(error)) from None
     os.makedirs(args.out, exist_ok=True)
@@ -390,10 +385,9 @@ def run(argv) -> dict:
                "table": [{"p": p, "task": t, "mean": m, "spread": s, "seeds": n}
                          for (p, t), (m, s, n) in table.items()]}
     if jax.process_index() == 0:
-        _write_json(os.path.join(args.out, "results.json"), summary)
+        files.write_json(os.path.join(args.out, "results.json"), summary)
         markdown = results_markdown(table, ps, tasks, info)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(markdown)
+        files.write_text(os.path.join(args.out, "results.md"), markdown)
         results_plot(table, ps, tasks, os.path.join(args.out, "results.png"))
         print(markdown, flush=True)
         print(f"results: {args.out}/results.{{json,md,png}}; sheets: {args.out}/sheets/", flush=True)

@@ -8,11 +8,16 @@ blocks (attention over the frames of one spatial position). Every block is condi
 adaLN-Zero on its frame's embedding c = t_emb(tau_f) (+ y_emb). Spatial/temporal pairs are
 stored stacked along a leading 'layers' axis and run by `nn.scan`; `scan_layers=False` unrolls
 that scan without changing the parameter tree.
+
+The token stream is constrained by logical names (batch, act_frames, act_tokens, act_embed) after
+the patch embedding, after every block and before the final layer; the names become sharding
+constraints only when traced under fvdm_jax.sharding.activation_context (else no-ops).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import einops
 import flax.linen as nn
@@ -22,15 +27,20 @@ import numpy as np
 
 from fvdm_jax.models.embeddings import LabelEmbedder, TimestepEmbedder, sincos_1d, sincos_2d
 from fvdm_jax.models.layers import (
+    TOKEN_AXES,
     AdaLNModulation,
     Attention,
     Dtype,
     Mlp,
+    constrain,
     layer_norm,
     logical_init,
     modulate,
     xavier_uniform,
 )
+
+# The token stream of a temporal block, (B, T, F, D).
+TEMPORAL_TOKEN_AXES = ("batch", "act_tokens", "act_frames", "act_embed")
 
 # (hidden_size, depth, num_heads) of the named sizes; patch size is chosen separately (2, 4, 8).
 MODEL_SIZES = {
@@ -99,14 +109,14 @@ class SpatialTemporalPair(nn.Module):
             self.param_dtype,
             name=name,
         )
-        x = block("spatial")(x, c[:, :, None, :])
+        x = constrain(block("spatial")(x, c[:, :, None, :]), TOKEN_AXES)
         # The temporal table is added once, after the first spatial block (official placement).
         first = (layer_index == 0).astype(x.dtype)
         x = x + first * temp_embed[None, :, None, :]
         x = einops.rearrange(x, "b f t d -> b t f d")
-        x = block("temporal")(x, c[:, None, :, :])
+        x = constrain(block("temporal")(x, c[:, None, :, :]), TEMPORAL_TOKEN_AXES)
         x = einops.rearrange(x, "b t f d -> b f t d")
-        return x, None
+        return constrain(x, TOKEN_AXES), None
 
 
 def _remat_policy(name: str):
@@ -220,6 +230,9 @@ class DiT(nn.Module):
             **kw,
         )(tokens)  # (B, F, T, D)
         x = x + jnp.asarray(sincos_2d(d, grid), self.dtype)
+        # Token activations carry logical names at every block boundary (sharding.py maps them;
+        # without rules and a mesh in context the constraints are no-ops).
+        x = constrain(x, TOKEN_AXES)
         temp_embed = jnp.asarray(sincos_1d(d, np.arange(self.num_frames)), self.dtype)
 
         c = TimestepEmbedder(d, name="t_embedder", **kw)(frame_timesteps)  # (B, F, D)
@@ -249,6 +262,7 @@ class DiT(nn.Module):
         x, _ = blocks(
             d, self.num_heads, self.mlp_ratio, self.attention, name="blocks", **kw
         )(x, c, temp_embed, jnp.arange(num_pairs))
+        x = constrain(x, TOKEN_AXES)
 
         shift, scale = AdaLNModulation(d, 2, name="final_adaLN", **kw)(c)
         x = modulate(layer_norm(self.dtype)(x), shift[:, :, None], scale[:, :, None])
@@ -262,47 +276,11 @@ class DiT(nn.Module):
         x = einops.rearrange(x, "b f (h w) (p q c) -> b f (h p) (w q) c", h=grid, p=p, q=p)
         return x.astype(jnp.float32)
 
-    def forward_with_cfg(self, x, frame_timesteps, labels, cfg_scale: float):
-        """Classifier-free guidance as the official `forward_with_cfg`.
-
-        The batch is [conditional half, unconditional half] (labels of the second half are the
-        null class num_classes). The first half of x is run twice; guidance mixes only the eps
-        channels (the first in_channels outputs) and both halves receive the guided eps; the
-        variance channels pass through.
-        """
-        half = x[: x.shape[0] // 2]
-        out = self(jnp.concatenate([half, half], axis=0), frame_timesteps, labels)
-        eps, rest = out[..., : self.in_channels], out[..., self.in_channels :]
-        cond_eps, uncond_eps = jnp.split(eps, 2, axis=0)
-        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
-
 
 def drop_labels(rng: jax.Array, labels: jnp.ndarray, prob: float, num_classes: int):
     """Replaces each label by the null class `num_classes` with probability `prob` (training)."""
     drop = jax.random.uniform(rng, labels.shape) < prob
     return jnp.where(drop, num_classes, labels)
-
-
-MODEL_KEYS = (
-    "size",
-    "hidden_size",
-    "depth",
-    "num_heads",
-    "patch_size",
-    "mlp_ratio",
-    "num_frames",
-    "input_size",
-    "in_channels",
-    "learn_sigma",
-    "num_classes",
-    "class_dropout_prob",
-    "dtype",
-    "param_dtype",
-    "attention",
-    "scan_layers",
-    "remat",
-)
 
 
 def resolve_size(model_config: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -331,9 +309,6 @@ def resolve_size(model_config: Mapping[str, Any]) -> tuple[int, int, int]:
 
 def model_from_config(model_config: Mapping[str, Any]) -> DiT:
     """Builds the DiT from the `model` config section (a ConfigDict or a plain dict)."""
-    unknown = sorted(set(model_config.keys()) - set(MODEL_KEYS))
-    if unknown:
-        raise ValueError(f"unknown model config keys {unknown}; known keys: {list(MODEL_KEYS)}")
     hidden, depth, heads = resolve_size(model_config)
     for key in ("dtype", "param_dtype"):
         if model_config.get(key, "float32") not in DTYPES:

@@ -17,7 +17,8 @@ import importlib.metadata
 import importlib.util
 import os
 import pickle
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

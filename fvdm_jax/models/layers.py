@@ -12,11 +12,20 @@ with the training configs. The names used here:
   patch      flattened patch pixels (p*p*C)
   vocab      class-embedding rows
   layers     the stacked-block axis added by nn.scan
+
+Activations carry logical names as well, through `nn.with_logical_constraint` (a no-op unless the
+model is traced under logical-axis rules and a mesh, see fvdm_jax/sharding.activation_context):
+
+  batch       the batch (the rules split it over data x fsdp)
+  act_frames  the frame axis of the token stream
+  act_tokens  the spatial-token axis of the token stream
+  act_embed   the width D of the token stream (not 'embed': FSDP shards weights, not activations)
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,8 +37,23 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 
 
 def logical_init(init: Callable, names: Sequence[str | None]) -> Callable:
-    """Wraps an initializer so that its parameter is annotated with logical axis names."""
-    return nn.with_logical_partitioning(init, tuple(names))
+    """Wraps an initializer so that its parameter is annotated with logical axis names.
+
+    The names are metadata only (fvdm_jax/sharding.py turns them into shardings): the box's empty
+    rules make its own `unbox()` skip flax's sharding constraint, which would otherwise fire under
+    an activation context, e.g. on the flattened kernel that DenseGeneral unboxes and reshapes
+    while flax checks parameter shapes in every `apply` (a rank mismatch error).
+    """
+    return nn.with_logical_partitioning(init, tuple(names), rules=())
+
+
+# Logical names of the token stream (B, F, T, D) between DiT blocks.
+TOKEN_AXES = ("batch", "act_frames", "act_tokens", "act_embed")
+
+
+def constrain(x: jnp.ndarray, names: Sequence[str | None]) -> jnp.ndarray:
+    """Sharding constraint by logical names; the identity outside rules + mesh (and on values)."""
+    return nn.with_logical_constraint(x, tuple(names))
 
 
 def xavier_uniform():

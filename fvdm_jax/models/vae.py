@@ -18,7 +18,8 @@ module's own `encode` / `decode` work on unscaled latents, as diffusers' do.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import einops
 import flax.linen as nn

@@ -25,14 +25,15 @@ import time
 import jax
 import numpy as np
 
-from fvdm_jax import media
+from fvdm_jax import files, media
 from fvdm_jax import sharding as shd
+from fvdm_jax.errors import ConfigError
+from fvdm_jax.evaluation.features import BASELINES, VERDICT_TASKS
+from fvdm_jax.jobs import evaluate
 from fvdm_jax.metrics import METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("noise", "shuffled", "real")
-VERDICT_TASKS = ("generate", "i2v", "interpolate")
 LOSS_PLOT = "loss.png"
 VERDICT_DIR = "verdict"
 
@@ -42,11 +43,11 @@ def validate_verdict_config(eval_config) -> None:
     tasks = tuple(eval_config.get("after_training") or ())
     unknown = [t for t in tasks if t not in VERDICT_TASKS]
     if unknown:
-        raise ValueError(f"eval.after_training has unknown task(s) {unknown}; use some of "
+        raise ConfigError(f"eval.after_training has unknown task(s) {unknown}; use some of "
                          f"{', '.join(VERDICT_TASKS)}")
     unknown = [b for b in tuple(eval_config.get("baselines") or ()) if b not in BASELINES]
     if unknown:
-        raise ValueError(f"eval.baselines has unknown baseline(s) {unknown}; use some of "
+        raise ConfigError(f"eval.baselines has unknown baseline(s) {unknown}; use some of "
                          f"{', '.join(BASELINES)}")
 
 
@@ -98,10 +99,9 @@ def plot_loss(workdir: str, path: str | None = None) -> str | None:
     axis.legend()
     figure.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}.png"
-    figure.savefig(temporary)
+    with files.atomic_path(path) as temporary:
+        figure.savefig(temporary)
     plt.close(figure)
-    os.replace(temporary, path)
     return path
 
 
@@ -141,38 +141,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def task_features(config, sampler, detector, batch: int, real, real_stats, task: str,
-                  num_videos: int, num_frames: int, seed: int, keep: list | None = None,
-                  conditional: bool = False):
-    """Detector statistics of one task's videos (their first `num_frames` frames): 'generate'
-    samples `num_videos` from noise (keys from `seed`); the zero-shot tasks (i2v, interpolate,
-    extend) condition on the clips of the real set `real`, whose statistics `real_stats` are
-    already known (and on their classes when `conditional`). keep: receives the first
-    sample.train_num_videos uint8 videos (the contact sheets)."""
-    from fvdm_jax import evaluate
-
-    keep_count = int(config.sample.train_num_videos)
-    if task == "generate":
-        return evaluate.generated_features(sampler, num_videos, num_frames, detector, batch, seed,
-                                           int(config.sample.batch_size), keep=keep,
-                                           keep_count=keep_count)
-    task_config = config.copy_and_resolve_references()
-    with task_config.unlocked():
-        task_config.eval.task = task
-        task_config.eval.seed = seed
-    stats, _ = evaluate.zero_shot_features(task_config, sampler, real, num_frames, detector, batch,
-                                           real_stats, conditional=conditional, keep=keep,
-                                           keep_count=keep_count)
-    return stats
-
-
 def verdict(config, workdir: str) -> list[dict]:
     """FVD per task of eval.after_training and per baseline of eval.baselines (see the module
     docstring); returns the rows, also appended to WORKDIR/eval.jsonl."""
-    from fvdm_jax import evaluate
-    from fvdm_jax.data.fvd_videos import open_real
-    from fvdm_jax.fvd import batch_features, detector_batch_size, fvd_from_stats, load_detector
-    from fvdm_jax.sample import VideoSampler, load_sampling_params
+    from fvdm_jax.evaluation.features import protocol_from_config, real_statistics, task_features
+    from fvdm_jax.evaluation.fvd import batch_features, detector_batch_size, fvd_from_stats, load_detector
+    from fvdm_jax.evaluation.videos import open_real
+    from fvdm_jax.models.i3d import I3D_MIN_FRAMES
+    from fvdm_jax.sampling.sampler import VideoSampler
+    from fvdm_jax.sampling.weights import load_sampling_params
 
     ev = config.eval
     validate_verdict_config(ev)
@@ -181,22 +158,22 @@ def verdict(config, workdir: str) -> list[dict]:
     started = time.perf_counter()
     mesh = shd.make_mesh(config.mesh)
     model_config, diffusion_config, params = load_sampling_params(config, workdir)
-    sampler = VideoSampler(config, params, mesh=mesh, model_config=model_config,
-                           diffusion_config=diffusion_config)
+    sampler = VideoSampler.from_config(config, params, mesh=mesh, model_config=model_config,
+                                       diffusion_config=diffusion_config)
     num_frames, height = int(sampler.pixel_shape[0]), int(sampler.pixel_shape[1])
-    if num_frames < evaluate.I3D_MIN_FRAMES:
-        raise ValueError(f"the verdict's FVD needs >= {evaluate.I3D_MIN_FRAMES} frames; the model makes "
+    if num_frames < I3D_MIN_FRAMES:
+        raise ConfigError(f"the verdict's FVD needs >= {I3D_MIN_FRAMES} frames; the model makes "
                          f"{num_frames}: set eval.after_training=() or model.num_frames")
     num_videos = int(ev.num_videos)
-    protocol = evaluate._protocol(config, num_frames, int(ev.resolution or height))
+    protocol = protocol_from_config(config, num_frames, int(ev.resolution or height))
     detector = load_detector(ev.detector, mesh, shd.rules_from_config(config.mesh))
     batch = detector_batch_size(int(ev.batch_size), num_frames, detector.batch_divisor)
     conditional = sampler.num_classes > 0  # zero-shot tasks take the real clips' classes
     real = open_real(config, protocol, labels=conditional)
     cache_dir = ev.cache_dir or os.path.join(workdir, "fvd_cache")
-    real_stats, _ = evaluate.real_statistics(real, protocol, detector, cache_dir, batch,
+    real_stats, _ = real_statistics(real, protocol, detector, cache_dir, batch,
                                              int(ev.num_workers))
-    step = evaluate._latest_checkpoint_step(workdir)
+    step = evaluate.latest_checkpoint_step(workdir)
     common = {"step": step, "num_real": int(real_stats.count), "num_frames": num_frames,
               "detector": detector.name, "real": real.describe(), "verdict": True}
     rows, sheets = [], {}
@@ -212,7 +189,7 @@ def verdict(config, workdir: str) -> list[dict]:
     baselines = tuple(ev.get("baselines") or ())
     if "shuffled" in baselines or "real" in baselines:
         # Other draws of the same real set (another seed: other windows, crops and flips).
-        other_protocol = evaluate._protocol(config, num_frames, protocol.resolution)
+        other_protocol = protocol_from_config(config, num_frames, protocol.resolution)
         other_protocol = type(other_protocol)(**{**other_protocol.__dict__, "seed": protocol.seed + 1})
         others = read_videos(open_real(config, other_protocol), num_videos)
     for name in baselines:

@@ -27,6 +27,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fvdm_jax import sharding as shd
+from fvdm_jax.errors import ConfigError
+from fvdm_jax.files import progress
 from fvdm_jax.models.i3d import i3d_logits, load_i3d_weights, preprocess_for_i3d
 
 
@@ -42,14 +44,14 @@ class FeatureStats:
     def update(self, features) -> None:
         x = np.asarray(features, np.float32).astype(np.float64).reshape(-1, self.dim)
         if not np.all(np.isfinite(x)):
-            raise ValueError("features contain NaN or inf; check the detector inputs")
+            raise ConfigError("features contain NaN or inf; check the detector inputs")
         self.count += x.shape[0]
         self._sum += x.sum(axis=0)
         self._outer += x.T @ x
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         if self.count == 0:
-            raise ValueError("no features were accumulated")
+            raise ConfigError("no features were accumulated")
         mean = self._sum / self.count
         cov = self._outer / self.count - np.outer(mean, mean)
         return mean, (cov + cov.T) / 2
@@ -58,7 +60,7 @@ class FeatureStats:
         np.savez(path, count=self.count, sum=self._sum, outer=self._outer)
 
     @classmethod
-    def load(cls, path: str) -> "FeatureStats":
+    def load(cls, path: str) -> FeatureStats:
         with np.load(path, allow_pickle=False) as data:
             stats = cls(data["sum"].shape[0])
             stats.count = int(data["count"])
@@ -78,7 +80,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(
+        raise ConfigError(
             f"statistics do not match: means {mu1.shape} vs {mu2.shape}, "
             f"covariances {sigma1.shape} vs {sigma2.shape}"
         )
@@ -163,7 +165,7 @@ def load_detector(spec: str, mesh, rules):
         elif spec.endswith((".pt", ".pth", ".torchscript")):
             _DETECTORS[key] = TorchScriptDetector(spec)
         else:
-            raise ValueError(f"eval.detector={spec!r}: use '' (JAX I3D) or a path to i3d_torchscript.pt")
+            raise ConfigError(f"eval.detector={spec!r}: use '' (JAX I3D) or a path to i3d_torchscript.pt")
     return _DETECTORS[key]
 
 
@@ -176,15 +178,6 @@ def detector_batch_size(batch_size: int, num_frames: int, divisor: int) -> int:
     the batch divisor (the mesh's data x fsdp size)."""
     videos = max(1, batch_size * 16 // max(num_frames, 16))
     return divisor * math.ceil(videos / divisor)
-
-
-def progress_bar(total: int, desc: str):
-    """A tqdm bar on process 0 (None without tqdm)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the bar is optional
-        return None
-    return tqdm(total=total, desc=desc, unit="video", disable=jax.process_index() != 0, leave=False)
 
 
 def _accumulate(stats: FeatureStats | None, features: np.ndarray) -> FeatureStats:
@@ -214,7 +207,7 @@ def video_set_features(detector, videos, batch_size: int, num_workers: int, desc
     num, pc, pi = len(videos), jax.process_count(), jax.process_index()
     local = batch_size // pc
     if num == 0:
-        raise ValueError(f"no videos to compute {desc} from")
+        raise ConfigError(f"no videos to compute {desc} from")
 
     def load(start, pool):
         rows = [r for r in range(start + pi * local, start + (pi + 1) * local) if r < num] or [start]
@@ -222,7 +215,7 @@ def video_set_features(detector, videos, batch_size: int, num_workers: int, desc
         arrays += [arrays[-1]] * (local - len(arrays))
         return np.stack(arrays)
 
-    stats, bar = None, progress_bar(num, desc)
+    stats, bar = None, progress(num, desc)
     with ThreadPoolExecutor(max(1, num_workers)) as pool, ThreadPoolExecutor(1) as ahead:
         starts = list(range(0, num, batch_size))
         pending = ahead.submit(load, starts[0], pool)

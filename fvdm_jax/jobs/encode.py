@@ -12,30 +12,22 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fvdm_jax import files
 from fvdm_jax.data import clips, latents
 from fvdm_jax.data.folder import VideoFolderSource
 from fvdm_jax.data.video import VideoReadError, iter_frames
-
-VAE_KEYS = ("checkpoint", "scale_factor", "sample_posterior", "encode_batch_size", "dtype")
+from fvdm_jax.errors import ConfigError
 
 
 def cache_dir(config, workdir: str) -> str:
     return config.data.get("cache_path") or os.path.join(workdir, "latents")
-
-
-def _progress(total: int, enabled: bool):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit="video", disable=not enabled)
-    except ImportError:
-        return None
 
 
 class FrameEncoder:
@@ -47,11 +39,13 @@ class FrameEncoder:
 
         folder = vae_config.get("checkpoint")
         if not folder:
-            raise ValueError(
+            raise ConfigError(
                 "vae.checkpoint is not set: point it at a diffusers AutoencoderKL folder "
                 "(config.json + diffusion_pytorch_model.safetensors), e.g. sd-vae-ft-ema"
             )
-        self.vae, params = load_diffusers_vae(folder, dtype=_dtype(vae_config.get("dtype", "float32")))
+        from fvdm_jax.models.dit import DTYPES
+
+        self.vae, params = load_diffusers_vae(folder, dtype=DTYPES[vae_config.get("dtype", "float32")])
         devices = jax.local_devices()
         self.mesh = Mesh(np.array(devices), ("batch",))
         per_device = int(vae_config["encode_batch_size"])
@@ -77,12 +71,6 @@ class FrameEncoder:
             means.append(np.asarray(mean)[:valid])
             logvars.append(np.asarray(logvar)[:valid])
         return np.concatenate(means), np.concatenate(logvars)
-
-
-def _dtype(name: str):
-    import jax.numpy as jnp
-
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 def encode_video(path: str, dataset: str, image_size: int, encoder, frames_per_read: int) -> dict:
@@ -114,11 +102,8 @@ def encode_dataset(config, workdir: str, encoder=None) -> str:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     data, vae_cfg = config.data, config.vae
-    unknown = sorted(set(vae_cfg.keys()) - set(VAE_KEYS))
-    if unknown:
-        raise ValueError(f"unknown vae config keys {unknown}; known keys: {list(VAE_KEYS)}")
     if not data.get("path"):
-        raise ValueError("data.path is not set: point it at the video folder to encode")
+        raise ConfigError("data.path is not set: point it at the video folder to encode")
     num_classes = int(config.model.get("num_classes") or 0)
     source = VideoFolderSource(
         data.path,
@@ -136,7 +121,7 @@ def encode_dataset(config, workdir: str, encoder=None) -> str:
     per_shard = int(data.cache_videos_per_shard)
     shards = range((len(entries) + per_shard - 1) // per_shard)
     mine = [s for s in shards if s % jax.process_count() == jax.process_index()]
-    bar = _progress(len(entries), jax.process_index() == 0)
+    bar = files.progress(len(entries), "encoding", leave=True)
     frames_done = 0
     for shard in mine:
         final = os.path.join(out, latents.SHARD_PATTERN.format(shard))

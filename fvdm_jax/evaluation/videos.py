@@ -20,8 +20,9 @@ import zipfile
 
 import numpy as np
 
-from fvdm_jax import media
 from fvdm_jax.data import clips
+from fvdm_jax.errors import ConfigError
+from fvdm_jax.media import to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +30,6 @@ SELECTIONS = ("first", "random")
 
 # ---------------------------------------------------------------------------------------------
 # Pixels and clips.
-
-
-def quantize_generated(videos: np.ndarray) -> np.ndarray:
-    """Generated pixels in [-1, 1] -> uint8 as saved frames: (x * 127.5 + 128) clipped, truncated
-    (fvdm_jax.media.to_uint8, which the sampling job uses for samples.npz)."""
-    return media.to_uint8(videos)
 
 
 def signed_to_uint8(videos: np.ndarray) -> np.ndarray:
@@ -47,7 +42,7 @@ def stylegan_v_frame_indices(total_frames: int, num_frames: int, subsample_facto
     """StyleGAN-V's clip: offset + [0, s, 2s, ...], offset uniform in [0, T - F*s + s - 1]: int64 (F,)."""
     span = num_frames * subsample_factor
     if total_frames < span:
-        raise ValueError(f"a video of {total_frames} frames is shorter than {num_frames} x {subsample_factor}")
+        raise ConfigError(f"a video of {total_frames} frames is shorter than {num_frames} x {subsample_factor}")
     offset = int(rng.integers(0, total_frames - span + subsample_factor))
     return offset + np.arange(0, span, subsample_factor, dtype=np.int64)
 
@@ -65,7 +60,7 @@ def real_items(num_sources: int, num_videos: int, mirror: bool, selection: str, 
     elif selection == "random":
         chosen = np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
     else:
-        raise ValueError(f"eval.real_selection={selection!r} is unknown; use one of {SELECTIONS}")
+        raise ConfigError(f"eval.real_selection={selection!r} is unknown; use one of {SELECTIONS}")
     return [(int(i) % num_sources, bool(i >= num_sources)) for i in chosen]
 
 
@@ -118,15 +113,15 @@ class NpzVideos:
         videos = _npz_memmap(path, "videos")
         with np.load(path, allow_pickle=False) as data:
             if "videos" not in data.files:
-                raise ValueError(f"eval.generated={path} has no 'videos' array (keys: {data.files})")
+                raise ConfigError(f"eval.generated={path} has no 'videos' array (keys: {data.files})")
             if videos is None:
                 videos = data["videos"]
             self.task = str(data["task"]) if "task" in data.files else None
             self._labels = data["labels"] if "labels" in data.files else None
         if videos.ndim != 5 or videos.shape[-1] != 3:
-            raise ValueError(f"eval.generated={path}: 'videos' of shape {videos.shape}; need (N, F, H, W, 3)")
+            raise ConfigError(f"eval.generated={path}: 'videos' of shape {videos.shape}; need (N, F, H, W, 3)")
         if videos.shape[1] < num_frames:
-            raise ValueError(
+            raise ConfigError(
                 f"eval.generated={path}: videos of {videos.shape[1]} frames, eval.num_frames={num_frames}"
             )
         self._videos = videos
@@ -140,7 +135,7 @@ class NpzVideos:
     def read(self, index: int):
         video = np.asarray(self._videos[index, : self.num_frames])
         if video.dtype != np.uint8:
-            video = quantize_generated(video)
+            video = to_uint8(video)
         label = int(self._labels[index]) if self._labels is not None else 0
         return video, label
 
@@ -160,7 +155,7 @@ class FolderVideos:
         self.root = root
         paths = find_videos(root)
         if not paths:
-            raise ValueError(f"eval.generated={root} holds no video files or frame folders")
+            raise ConfigError(f"eval.generated={root} holds no video files or frame folders")
         self.paths = paths[:num_videos]
         self.num_frames = num_frames
         self.resolution = resolution or int(self._frames(self.paths[0]).shape[1])
@@ -169,7 +164,7 @@ class FolderVideos:
         try:
             return self._read_frames(path, np.arange(self.num_frames))
         except Exception as error:
-            raise ValueError(f"generated video {path} has no {self.num_frames} readable frames: {error}") from error
+            raise ConfigError(f"generated video {path} has no {self.num_frames} readable frames: {error}") from error
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -213,7 +208,7 @@ class RealFolderClips:
         self.entries = [e for e in source.entries if e.num_frames >= span]
         self.num_short = len(source.entries) - len(self.entries)
         if not self.entries:
-            raise ValueError(
+            raise ConfigError(
                 f"no video under {root} ({self.split}) has the {span} frames that eval.num_frames="
                 f"{num_frames} x eval.subsample_factor={subsample_factor} need"
             )
@@ -324,7 +319,7 @@ def open_real(config, protocol: Protocol, labels: bool = False):
         elif config.data.get("path"):
             path = config.data.path
         else:
-            raise ValueError("eval.real_path is not set and neither is data.path; pass "
+            raise ConfigError("eval.real_path is not set and neither is data.path; pass "
                              "--config.eval.real_path=/data/videos (or 'demo')")
     if path == "demo":
         from fvdm_jax.data.demo import demo_options

@@ -1,0 +1,234 @@
+"""FVD jobs: `--mode=eval` and the periodic FVD of training, with StyleGAN-V's protocol.
+
+Protocol (docs/evaluation.md has the details and what is verified):
+- Generated videos are quantized like saved frames, uint8 = (x * 127.5 + 128) clipped to [0, 255]
+  and truncated, and the first `num_frames` frames (16; 128 for `extend`) are used.
+- Real videos come from the train split. Items are every video, then (with `mirror`) every video
+  flipped horizontally, as StyleGAN-V's dataset with xflip; the first `num_videos` items are used
+  ('first', StyleGAN-V's order) or a seeded random subset ('random'). Each item is a clip of
+  `num_frames` frames with stride `subsample_factor` at a random offset in
+  [0, T - num_frames * subsample_factor + subsample_factor - 1] (StyleGAN-V's rule; videos shorter
+  than num_frames * subsample_factor are discarded), drawn with np.random.default_rng((seed, item)).
+  Frames that are not already resolution x resolution get the dataset's spatial rule
+  (fvdm_jax.data.clips) and are rounded to uint8, as a preprocessed frame dataset stores them.
+- Both go through `preprocess_for_i3d` (x / 255 * 2 - 1, bilinear 224x224 without antialias) and
+  the Kinetics-400 I3D (`i3d_logits`: 400 logits averaged over time), sharded over the mesh's batch
+  axes; statistics and the Frechet distance are those of fvdm_jax/evaluation/fvd.py.
+Real statistics are cached in `eval.cache_dir` under a key of everything that defines them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+
+from fvdm_jax import sharding as shd
+from fvdm_jax.diffusion import tasks
+from fvdm_jax.errors import ConfigError
+from fvdm_jax.evaluation import features
+from fvdm_jax.evaluation.features import check_generated_frames, protocol_from_config
+from fvdm_jax.evaluation.fvd import FeatureStats, detector_batch_size, fvd_from_stats, load_detector, video_set_features
+from fvdm_jax.evaluation.videos import SELECTIONS, FolderVideos, NpzVideos, open_real
+from fvdm_jax.models.i3d import I3D_MIN_FRAMES
+
+logger = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.jsonl"
+DEFAULT_NUM_FRAMES = 16  # fvd2048_16f
+
+
+class EvalResult(dict):
+    """The record of one evaluation; printed as one JSON line."""
+
+    def __str__(self) -> str:
+        return json.dumps(self, sort_keys=True)
+
+
+def validate_eval_config(eval_config) -> None:
+    """One-line errors for bad eval.* values."""
+    if eval_config.task not in tasks.EVAL_TASKS:
+        raise ConfigError(f"eval.task={eval_config.task!r} is not supported; use one of {', '.join(tasks.EVAL_TASKS)}")
+    if eval_config.real_selection not in SELECTIONS:
+        raise ConfigError(f"eval.real_selection={eval_config.real_selection!r}; use one of {', '.join(SELECTIONS)}")
+    for key in ("num_videos", "subsample_factor", "batch_size", "train_num_videos"):
+        if int(eval_config[key]) < 1:
+            raise ConfigError(f"eval.{key}={eval_config[key]} must be at least 1")
+    if eval_config.num_frames is not None and eval_config.num_frames < I3D_MIN_FRAMES:
+        raise ConfigError(f"eval.num_frames={eval_config.num_frames}: I3D needs at least {I3D_MIN_FRAMES} frames")
+
+
+def _num_frames(config) -> int:
+    if config.eval.num_frames is not None:
+        return int(config.eval.num_frames)
+    return int(config.sample.total_frames) if tasks.get_task(config.eval.task).long else DEFAULT_NUM_FRAMES
+
+
+def latest_checkpoint_step(workdir: str) -> int:
+    folder = os.path.join(workdir, "checkpoints")
+    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+    return max(steps, default=0)
+
+
+def append_record(workdir: str, record: dict) -> None:
+    """One JSON line in WORKDIR/eval.jsonl (process 0)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, EVAL_FILE), "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def write_tensorboard(workdir: str, step: int, scalars: dict) -> bool:
+    """TensorBoard scalars through clu when it imports (it needs tensorflow); False otherwise."""
+    try:
+        from clu import metric_writers
+    except ImportError as error:
+        logger.warning("clu writers unavailable (%s); FVD is in %s only", error, EVAL_FILE)
+        return False
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer.write_scalars(step, scalars)
+    writer.flush()
+    writer.close()
+    return True
+
+
+def eval_job(config, workdir: str) -> EvalResult:
+    """FVD of generated videos (eval.generated, or sampled now from WORKDIR's checkpoint) against
+    real videos; appends the record to WORKDIR/eval.jsonl and TensorBoard and returns it."""
+    ev = config.eval
+    validate_eval_config(ev)
+    started = time.perf_counter()
+    mesh = shd.make_mesh(config.mesh)
+    num_frames = _num_frames(config)
+    cache_dir = ev.cache_dir or os.path.join(workdir, "fvd_cache")
+    timings, task, sampler, num_classes = {}, ev.task, None, 0
+
+    if ev.generated:
+        if os.path.isdir(ev.generated):
+            fake = FolderVideos(ev.generated, num_frames, int(ev.num_videos), ev.resolution)
+        elif os.path.isfile(ev.generated):
+            fake = NpzVideos(ev.generated, num_frames, int(ev.num_videos))
+            task = fake.task or task
+        else:
+            raise FileNotFoundError(f"eval.generated={ev.generated} does not exist")
+        resolution = int(ev.resolution or fake.resolution)
+        num_fake = len(fake)
+    else:
+        from fvdm_jax.sampling.sampler import VideoSampler
+        from fvdm_jax.sampling.weights import load_sampling_params
+
+        model_config, diffusion_config, params = load_sampling_params(config, workdir)
+        sampler = VideoSampler.from_config(config, params, mesh=mesh, model_config=model_config,
+                                           diffusion_config=diffusion_config)
+        num_classes = int(model_config.get("num_classes") or 0)
+        resolution = int(ev.resolution or sampler.pixel_shape[1])
+        window = int(sampler.pixel_shape[0])
+        if tasks.get_task(task).evaluation == "window" and window != num_frames:
+            raise ConfigError(f"eval.task={task} conditions the model's {window}-frame window on real "
+                             f"clips; set eval.num_frames={window}")
+        made = int(config.sample.total_frames) if tasks.get_task(task).long else window
+        check_generated_frames(made, num_frames, f"eval.task={task}")
+    detector = load_detector(ev.detector, mesh, shd.rules_from_config(config.mesh))
+    batch = detector_batch_size(int(ev.batch_size), num_frames, detector.batch_divisor)
+    protocol = protocol_from_config(config, num_frames, resolution)
+    conditional = sampler is not None and task != "generate" and num_classes > 0
+    real = open_real(config, protocol, labels=conditional)
+    logger.info("real videos: %s", real.describe())
+    cache_path, cache_key = features.real_cache_path(cache_dir, real, protocol, detector)
+    real_stats = features.load_cached(cache_path)
+    cached = real_stats is not None
+
+    clock = time.perf_counter()
+    if sampler is not None and tasks.get_task(task).evaluation != "none":
+        fake_stats, real_stats = features.zero_shot_features(config, sampler, real, num_frames, detector, batch,
+                                                    real_stats, conditional)
+        num_fake = len(real)
+        timings["seconds_generated"] = time.perf_counter() - clock
+    else:
+        if real_stats is None:
+            real_stats = video_set_features(detector, real, batch, int(ev.num_workers), "real features")
+        timings["seconds_real"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        if sampler is None:
+            logger.info("generated videos: %s", fake.describe())
+            fake_stats = video_set_features(detector, fake, batch, int(ev.num_workers), "generated features")
+        else:
+            num_fake = int(ev.num_videos)
+            fake_stats = features.generated_features(sampler, num_fake, num_frames, detector, batch, int(ev.seed),
+                                            int(config.sample.batch_size))
+        timings["seconds_generated"] = time.perf_counter() - clock
+    if not cached:
+        features.save_cached(cache_path, cache_key, real_stats)
+
+    fvd = fvd_from_stats(real_stats, fake_stats)
+    protocol_name = f"fvd{num_fake}_{num_frames}f"
+    metric = protocol_name if task == "generate" else f"{protocol_name}_{task}"
+    step = latest_checkpoint_step(workdir)
+    record = EvalResult(
+        metric=metric, fvd=fvd, protocol=protocol_name, task=task, step=step,
+        num_generated=num_fake, num_real=int(real_stats.count), real=real.describe(),
+        generated=ev.generated or "sampled from the checkpoint", real_cached=cached,
+        cache=cache_path, detector=detector.name, time=datetime.datetime.now().isoformat(timespec="seconds"),
+        seconds=time.perf_counter() - started, **timings, **dataclasses.asdict(protocol),
+    )
+    append_record(workdir, record)
+    write_tensorboard(workdir, step, {f"eval/{metric}": fvd})
+    return record
+
+
+_TRAINING_REAL: dict[str, FeatureStats] = {}
+_TRAINING_SAMPLERS: dict[Any, Any] = {}
+
+
+def _training_sampler(config, mesh):
+    """One VideoSampler per (config, mesh) and process: it compiles once; params come per call."""
+    from fvdm_jax.sampling.sampler import VideoSampler
+
+    key = (config.to_json_best_effort(sort_keys=True), mesh)
+    if key not in _TRAINING_SAMPLERS:
+        _TRAINING_SAMPLERS[key] = VideoSampler.from_config(config, None, mesh=mesh)
+    return _TRAINING_SAMPLERS[key]
+
+
+def training_fvd(config, workdir: str, step: int, params, mesh) -> dict[str, float]:
+    """FVD of eval.train_num_videos generated videos (the model's frames, task 'generate') against as
+    many real clips, for training: {'fvd{N}_{F}f': value}. Real statistics are cached on disk and in
+    memory, the I3D weights loaded once per process. params: the EMA parameters (may be sharded)."""
+    ev = config.eval
+    validate_eval_config(ev)
+    started = time.perf_counter()
+    rules = shd.rules_from_config(config.mesh)
+    detector = load_detector(ev.detector, mesh, rules)
+    sampler = _training_sampler(config, mesh)
+    num_frames, height = int(sampler.pixel_shape[0]), int(sampler.pixel_shape[1])
+    if num_frames < I3D_MIN_FRAMES:
+        raise ConfigError(f"FVD during training: the model makes {num_frames}-frame videos, I3D needs "
+                         f">= {I3D_MIN_FRAMES}; set eval.every_steps=0")
+    num = int(ev.train_num_videos)
+    protocol = protocol_from_config(config, num_frames, int(ev.resolution or height), num_videos=num)
+    batch = detector_batch_size(int(ev.batch_size), num_frames, detector.batch_divisor)
+    memory_key = json.dumps([dataclasses.asdict(protocol), ev.real_path, ev.split, config.data.get("path"),
+                             config.data.source, detector.name], sort_keys=True)
+    real_stats = _TRAINING_REAL.get(memory_key)
+    if real_stats is None:
+        real = open_real(config, protocol)
+        cache_dir = ev.cache_dir or os.path.join(workdir, "fvd_cache")
+        real_stats, _ = features.real_statistics(real, protocol, detector, cache_dir, batch, int(ev.num_workers))
+        _TRAINING_REAL[memory_key] = real_stats
+    fake_stats = features.generated_features(sampler, num, num_frames, detector, batch, int(ev.seed),
+                                    int(config.sample.batch_size), params=params)
+    fvd = fvd_from_stats(real_stats, fake_stats)
+    name = f"fvd{num}_{num_frames}f"
+    append_record(workdir, {"metric": name, "fvd": fvd, "step": int(step), "task": "generate",
+                            "num_generated": num, "num_real": int(real_stats.count), "training": True,
+                            "detector": detector.name, "seconds": time.perf_counter() - started,
+                            "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                            **dataclasses.asdict(protocol)})
+    return {name: fvd}

@@ -1,0 +1,230 @@
+"""--mode=sample: mass generation of any task, resumable batch by batch.
+
+Fixed-size batches (one compilation), each batch a function of (seed, batch index) written
+atomically, so an interrupted job resumes where it stopped; MP4 / GIF per video, a PNG contact
+sheet per batch, `samples.npz` for evaluation and `sample.json` (settings, timings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from fvdm_jax import files, media
+from fvdm_jax.diffusion import tasks
+from fvdm_jax.errors import ConfigError
+from fvdm_jax.sampling.sampler import VideoSampler, parse_ints, validate_sample_config
+from fvdm_jax.sampling.weights import load_sampling_params
+
+DATA_INPUTS = "data"  # sample.inputs value: clips of config.data, also for extend / progressive
+
+
+class JobInputs:
+    """The inputs and labels of video i of a job (a pure function of i)."""
+
+    def __init__(self, config, sampler: VideoSampler, workdir: str):
+        s = config.sample
+        self.task = s.task
+        self.num_classes = sampler.num_classes
+        self.labels = parse_ints(s.labels, "labels")
+        self.clips = None  # pixel clips from files (each (K, H, W, 3))
+        self.source = None  # model-space clips from the data source
+        spec = s.get("inputs")
+        task = tasks.get_task(self.task)
+        wants = task.needs_inputs or (task.takes_inputs and spec)
+        if not wants:
+            return
+        if spec and spec != DATA_INPUTS:
+            size = sampler.pixel_shape[1]
+            paths = [p for p in str(spec).split(",") if p]
+            clips = media.load_inputs(paths, size)
+            self.clips = self._arrange(clips, sampler, s)
+        else:
+            from fvdm_jax.data.pipeline import make_source
+
+            self.source = make_source(config.data, sampler.model_config, config.get("vae"),
+                                      workdir=workdir)
+            self.overlap = self._transition_overlap(sampler, s, None)
+
+    def _transition_overlap(self, sampler, s, clips):
+        n = sampler.num_frames
+        overlap = tasks.get_task("transition").overlap(n, s.overlap)
+        if clips is not None:
+            overlap = min([overlap] + [c.shape[0] for c in clips])
+        if 2 * overlap >= n:
+            raise ConfigError(f"transition overlap={overlap} must be < num_frames / 2 = {n / 2}")
+        return overlap
+
+    def _arrange(self, clips, sampler, s):
+        if self.task in ("i2v", "progressive"):
+            return [c[:1] for c in clips]
+        if self.task == "transition":
+            if len(clips) != 2:
+                raise ConfigError(
+                    f"transition needs 2 inputs (clip A, clip B), got {len(clips)}: "
+                    f"--config.sample.inputs=a.mp4,b.mp4"
+                )
+            overlap = self._transition_overlap(sampler, s, clips)
+            return [np.concatenate([clips[0][-overlap:], clips[1][:overlap]])]
+        if len(clips) > 1 and all(c.shape[0] == 1 for c in clips):
+            return [np.concatenate(clips)]  # several images: the frames of one clip
+        lengths = {c.shape[0] for c in clips}
+        if len(lengths) > 1:
+            shortest = min(lengths)
+            logging.warning("sample inputs have %s frames; all are cut to %d", sorted(lengths), shortest)
+            clips = [c[:shortest] for c in clips]
+        return clips
+
+    def batch(self, indices) -> tuple[dict, np.ndarray | None]:
+        """({'inputs': ...} or {'model_inputs': ...} or {}, labels (B,) or None)."""
+        labels = None
+        if self.labels:
+            labels = np.asarray([self.labels[i % len(self.labels)] for i in indices], np.int32)
+        if self.clips is not None:
+            return {"inputs": np.stack([self.clips[i % len(self.clips)] for i in indices])}, labels
+        if self.source is None:
+            return {}, labels
+        if self.task == "transition":
+            items = [(self.source[2 * i], self.source[2 * i + 1]) for i in indices]
+            o = self.overlap
+            clips = [np.concatenate([a["video"][-o:], b["video"][:o]]) for a, b in items]
+            item_labels = [a["label"] for a, _ in items]
+        else:
+            items = [self.source[i] for i in indices]
+            clips = [item["video"] for item in items]
+            item_labels = [item["label"] for item in items]
+        if labels is None and self.num_classes:
+            labels = np.asarray(item_labels, np.int32)
+        return {"model_inputs": np.stack(clips)}, labels
+
+
+# ------------------------------------------------------------------------------------------------
+# --mode=sample
+
+
+def output_dir(config, workdir: str) -> str:
+    s = config.sample
+    return s.output_dir or os.path.join(
+        workdir, "samples", f"{s.task}_{s.sampler}{s.num_steps}_seed{s.seed}"
+    )
+
+
+def weights_identity(config, workdir: str) -> str:
+    """Which weights a job samples with: the inference checkpoint's path, or the training step of
+    WORKDIR's latest checkpoint (more training must not mix into an earlier job's batches)."""
+    if config.sample.get("checkpoint"):
+        return os.path.abspath(config.sample.checkpoint)
+    from fvdm_jax.checkpoint import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)
+    try:
+        return f"{ckpt.directory} step {ckpt.latest_step()}"
+    finally:
+        ckpt.close()
+
+
+def _record(config, model_config, weights: str) -> dict:
+    s = config.sample.to_dict() if hasattr(config.sample, "to_dict") else dict(config.sample)
+    s.pop("every_steps", None), s.pop("train_tasks", None), s.pop("train_num_videos", None)
+    s.pop("num_videos", None)  # more videos may be asked for on resume
+    s.pop("output_dir", None)
+    return json.loads(json.dumps({"sample": s, "model": dict(model_config), "weights": weights}))
+
+
+def write_media(directory: str, videos: np.ndarray, first_index: int, fps: int, name: str,
+                sheet_frame_size: int = 1):
+    """MP4 + GIF per video (video_XXXXX) and one contact sheet `name`.png whose frames are
+    enlarged (nearest neighbour) to at least `sheet_frame_size` pixels."""
+    for i, video in enumerate(videos):
+        stem = os.path.join(directory, f"video_{first_index + i:05d}")
+        media.write_mp4(stem + ".mp4", video, fps)
+        media.write_gif(stem + ".gif", video, fps)
+    scale = media.sheet_scale(videos.shape[2], sheet_frame_size)
+    media.write_png(os.path.join(directory, f"{name}.png"), media.frame_grid(videos, scale=scale))
+
+
+def sample_job(config, workdir: str) -> str:
+    """--mode=sample: writes OUT/samples.npz (returned), MP4/GIF/PNG media and OUT/sample.json."""
+    s = config.sample
+    validate_sample_config(s, config.model)
+    model_config, diffusion_config, params = load_sampling_params(config, workdir)
+    sampler = VideoSampler.from_config(config, params, model_config=model_config,
+                                       diffusion_config=diffusion_config)
+    job_inputs = JobInputs(config, sampler, workdir)
+    out = output_dir(config, workdir)
+    batches_dir, media_dir = os.path.join(out, "batches"), os.path.join(out, "media")
+    is_main = jax.process_index() == 0
+    record = _record(config, model_config, weights_identity(config, workdir))
+    record_path = os.path.join(out, "sample.json")
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            previous = json.load(f)
+        if previous.get("settings") != record:
+            raise ConfigError(
+                f"{out} holds samples made with other settings or weights; choose another "
+                f"--config.sample.output_dir or remove it"
+            )
+    num_videos, batch = int(s.num_videos), int(s.batch_size)
+    num_batches = math.ceil(num_videos / batch)
+    if is_main:
+        os.makedirs(batches_dir, exist_ok=True)
+        if s.save_media:
+            os.makedirs(media_dir, exist_ok=True)
+    seed_key = jax.random.key(int(s.seed))
+    timings = []
+    bar = files.progress(num_batches, f"sampling {s.task}", unit="batch", leave=True)
+    for k in range(num_batches):
+        path = os.path.join(batches_dir, f"batch_{k:05d}.npz")
+        if bar is not None:
+            bar.update(1)
+        if os.path.exists(path):
+            continue  # done before an interruption: every batch is a function of (seed, k)
+        indices = list(range(k * batch, (k + 1) * batch))
+        kwargs, labels = job_inputs.batch(indices)
+        started = time.perf_counter()
+        videos = sampler.run(s.task, jax.random.fold_in(seed_key, k), labels=labels,
+                             batch_size=batch, **kwargs)
+        timings.append(time.perf_counter() - started)
+        keep = min(batch, num_videos - k * batch)
+        videos = media.to_uint8(videos[:keep])
+        if labels is None:
+            labels = np.zeros((batch,), np.int32)
+        if is_main:
+            files.savez(path, videos=videos, labels=np.asarray(labels[:keep], np.int32))
+            if s.save_media:
+                write_media(media_dir, videos, k * batch, int(s.fps), f"batch_{k:05d}",
+                            int(s.get("sheet_frame_size", 1)))
+    if bar is not None:
+        bar.close()
+    if not is_main:
+        return os.path.join(out, "samples.npz")
+    videos, labels = [], []
+    for k in range(num_batches):
+        with np.load(os.path.join(batches_dir, f"batch_{k:05d}.npz")) as data:
+            videos.append(data["videos"])
+            labels.append(data["labels"])
+    videos = np.concatenate(videos)[:num_videos]
+    labels = np.concatenate(labels)[:num_videos]
+    final = os.path.join(out, "samples.npz")
+    files.savez(final, videos=videos, labels=labels, task=np.asarray(s.task))
+    steady = timings[1:]
+    info = {
+        "settings": record,
+        "num_videos": int(videos.shape[0]),
+        "shape": list(videos.shape),
+        "batches_sampled_now": len(timings),
+        "first_batch_sec": timings[0] if timings else None,  # includes compilation
+        "sec_per_batch": float(np.mean(steady)) if steady else None,
+        "sec_per_video": float(np.mean(steady)) / batch if steady else None,
+        "compilations": sampler.compilations(),
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    }
+    files.write_json(record_path, info, indent=2, sort_keys=False)
+    logging.info("wrote %d videos %s to %s", videos.shape[0], videos.shape[1:], final)
+    return final

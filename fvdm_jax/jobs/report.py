@@ -215,7 +215,6 @@ def verdict(config, workdir: str) -> list[dict]:
               f"contact sheets): {os.path.join(workdir, 'samples')}; FVD rows: "
               f"{os.path.join(workdir, evaluate.EVAL_FILE)} ({time.perf_counter() - started:.0f} s)",
               flush=True)
-    logger.info("verdict:\n%s", table)
     return rows
 
 

@@ -81,7 +81,8 @@ def load_inference_config(directory: str) -> dict:
 
 
 def load_inference_checkpoint(directory: str, target=None):
-    """Returns (params, config). `target`: an abstract pytree (with shardings) to restore onto."""
+    """Returns (params, config). `target`: an abstract pytree (with shardings) to restore onto;
+    None: numpy arrays on the host, whatever mesh or process count the export was written from."""
     import orbax.checkpoint as ocp
 
     config = load_inference_config(directory)
@@ -89,10 +90,17 @@ def load_inference_checkpoint(directory: str, target=None):
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{params_dir} not found: the checkpoint has no parameters")
     checkpointer = ocp.StandardCheckpointer()
-    params = checkpointer.restore(params_dir, target) if target is not None else (
-        checkpointer.restore(params_dir)
-    )
-    return params, config
+    if target is None:
+        # Onto this process's first device, whatever mesh the export was written from.
+        tree = checkpointer.metadata(params_dir)
+        tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree,
+            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        # Host numpy arrays: every process holds them whole and places them on its mesh.
+        return jax.device_get(checkpointer.restore(params_dir, target)), config
+    return checkpointer.restore(params_dir, target), config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,6 +131,36 @@ def _state_snapshot(data_iter):
 
 
 TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix for a save still being written
+QUARANTINE_DIR = "checkpoints_damaged"  # WORKDIR/<this>/<step>: checkpoints that failed to verify
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, or no good one can be read back (one line)."""
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost cause of an orbax / tensorstore error, in one line."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _agree(problem: str | None) -> str | None:
+    """Every process learns whether any process failed (each reads its own shards)."""
+    if jax.process_count() == 1:
+        return problem
+    from jax.experimental import multihost_utils
+
+    failed = multihost_utils.process_allgather(np.asarray(problem is not None))
+    return problem or ("unreadable on another process" if np.any(failed) else None)
 
 
 class TrainCheckpointer:
@@ -151,8 +189,11 @@ class TrainCheckpointer:
             read_only=read_only,
             create=not read_only,
         )
+        self.read_only = read_only
+        self.quarantine_directory = os.path.join(os.path.abspath(workdir), QUARANTINE_DIR)
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data_iter", "config")
+            self.directory, options=options,
+            item_names=("state", "data_iter", "config", "fingerprints"),
         )
 
     def _remove_unfinished_saves(self) -> None:
@@ -173,13 +214,117 @@ class TrainCheckpointer:
         import orbax.checkpoint as ocp
         from flax import serialization
 
+        from fvdm_jax.integrity import fingerprints
+
+        state_dict = serialization.to_state_dict(state)
         items = dict(
-            state=ocp.args.StandardSave(serialization.to_state_dict(state)),
+            state=ocp.args.StandardSave(state_dict),
             config=ocp.args.JsonSave(_plain(config)),
+            # Checksums of every array, taken on the devices before the (async) write.
+            fingerprints=ocp.args.JsonSave(fingerprints(state_dict)),
         )
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(_state_snapshot(data_iter))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as error:  # a synchronous failure (the async ones: check_for_errors)
+            self._remove_unfinished_saves()
+            raise CheckpointError(f"saving checkpoint step {step} under {self.directory} failed: "
+                                  f"{_cause(error)}; the checkpoints saved before are intact") from error
+
+    def check_for_errors(self) -> None:
+        """Raises CheckpointError (one line, with the cause) if an async save has failed since
+        the last call; the failed save's tmp folder is removed, earlier checkpoints stay."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as error:  # orbax re-raises the writer thread's exception as is
+            self._remove_unfinished_saves()
+            raise CheckpointError(f"saving a checkpoint under {self.directory} failed: "
+                                  f"{_cause(error)}; the checkpoints saved before are intact") from error
+
+    def saved_fingerprints(self, step: int) -> dict | None:
+        """The fingerprints saved with `step`; None for a checkpoint written without them."""
+        import orbax.checkpoint as ocp
+
+        if not os.path.isdir(os.path.join(self.directory, str(step), "fingerprints")):
+            return None
+        restored = self.manager.restore(step, args=ocp.args.Composite(fingerprints=ocp.args.JsonRestore()))
+        return restored["fingerprints"]
+
+    def quarantine(self, step: int, reason: str) -> str:
+        """Moves a damaged checkpoint out of the way (never deletes it): WORKDIR/checkpoints_damaged/
+        <step>; returns where it went. A read-only checkpointer only reports it."""
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(self.quarantine_directory, str(step))
+        if self.read_only:
+            logging.error("checkpoint %s is damaged (%s); skipped", source, reason)
+            return source
+        if jax.process_index() == 0 and os.path.isdir(source):
+            os.makedirs(self.quarantine_directory, exist_ok=True)
+            suffix = 0
+            while os.path.exists(target):
+                suffix += 1
+                target = os.path.join(self.quarantine_directory, f"{step}.{suffix}")
+            shutil.move(source, target)
+        _sync(f"fvdm_jax_quarantine_{step}")
+        self.manager.reload()
+        logging.error("checkpoint %s is damaged (%s); moved to %s, falling back to the previous one",
+                      source, reason, target)
+        return target
+
+    def restore_newest_good(self, abstract_state, check_config=None):
+        """(step, state, saved config) of the newest checkpoint that reads back, matches its
+        fingerprints and holds only finite numbers; each one that does not is moved aside
+        (`quarantine`) and the next older one is tried. None if there is no checkpoint at all;
+        CheckpointError if none is good. check_config(saved config, step) may refuse a changed
+        recipe (its ConfigError passes through: a refusal, not damage)."""
+        from flax import serialization
+
+        from fvdm_jax.integrity import compare, fingerprints, non_finite, shape_mismatches
+
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        target = serialization.to_state_dict(abstract_state)
+        for step in steps:
+            try:
+                saved_config = self.saved_config(step)
+                saved = self.saved_fingerprints(step)
+            except Exception as error:  # noqa: BLE001 - a damaged file raises anything
+                self.quarantine(step, f"unreadable metadata: {_cause(error)}")
+                continue
+            if check_config is not None:
+                check_config(saved_config, step)
+            if saved is not None:
+                wrong = shape_mismatches(saved, target)
+                if wrong:
+                    raise ConfigError(f"checkpoint step {step} holds other shapes than this config "
+                                      f"builds ({len(wrong)} arrays, e.g. {wrong[0]}): the model "
+                                      f"config changed; use the one it was trained with")
+            problem = None
+            try:
+                state = self.restore_state(step, abstract_state)
+            except Exception as error:  # noqa: BLE001
+                problem = f"unreadable: {_cause(error)}"
+            problem = _agree(problem)
+            if problem is None:
+                state_dict = serialization.to_state_dict(state)
+                if saved is None:
+                    logging.warning("checkpoint step %d has no fingerprints (written by an older "
+                                    "version): not verified", step)
+                else:
+                    differ = compare(saved, fingerprints(state_dict))
+                    if differ:
+                        problem = f"{len(differ)} arrays differ from their fingerprints, e.g. {differ[0]}"
+                if problem is None:
+                    bad = non_finite(state_dict)
+                    if bad:
+                        problem = f"NaN or inf in {len(bad)} arrays, e.g. {bad[0]}"
+            if problem is None:
+                return step, state, saved_config
+            self.quarantine(step, problem)
+        raise CheckpointError(f"no good checkpoint left under {self.directory} (the damaged ones are "
+                              f"in {self.quarantine_directory}); remove the folder to start afresh")
 
     def saved_config(self, step: int) -> dict:
         import orbax.checkpoint as ocp
@@ -213,6 +358,31 @@ class TrainCheckpointer:
                 partial_restore=True))
         return restored["ema_params"]
 
+    def restore_newest_good_ema(self, abstract_ema_for):
+        """(step, EMA params) of the newest checkpoint whose EMA weights read back and match their
+        fingerprints; damaged ones are skipped with an error line (sampling never moves files).
+        abstract_ema_for(saved config) -> the abstract EMA tree of that checkpoint's model."""
+        from fvdm_jax.integrity import compare, fingerprints, non_finite
+
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                saved_config = self.saved_config(step)
+                saved = self.saved_fingerprints(step)
+                ema = self.restore_ema(step, abstract_ema_for(saved_config))
+            except ConfigError:
+                raise
+            except Exception as error:  # noqa: BLE001
+                self.quarantine(step, f"unreadable: {_cause(error)}")
+                continue
+            tree = {"ema_params": ema}
+            differ = [] if saved is None else compare(saved, fingerprints(tree), prefix="ema_params/")
+            bad = non_finite(tree)
+            if not differ and not bad:
+                return step, ema, saved_config
+            self.quarantine(step, f"EMA arrays differ from their fingerprints ({differ[:1]})" if differ
+                            else f"NaN or inf in the EMA weights ({bad[:1]})")
+        raise CheckpointError(f"no good checkpoint under {self.directory} to sample from")
+
     def restore_data_iter(self, step: int, data_iter):
         """Restores the grain iterator's position in place."""
         import grain
@@ -224,7 +394,13 @@ class TrainCheckpointer:
         return data_iter
 
     def wait_until_finished(self):
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            self._remove_unfinished_saves()
+            raise CheckpointError(f"saving a checkpoint under {self.directory} failed: "
+                                  f"{_cause(error)}; the checkpoints saved before are intact") from error
+        self.check_for_errors()
 
     def close(self):
         self.manager.close()

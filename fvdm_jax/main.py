@@ -3,13 +3,14 @@
     python -m fvdm_jax.main --config=configs/ffs_xl.py --workdir=DIR [--mode=train|export|encode|sample|eval]
                             [--config.section.key=value ...]
 
-Multi-process runs (TPU pods, SLURM, several local processes) initialize jax.distributed here,
-before any other JAX call: automatically under SLURM with more than one task or on a multi-host TPU
-slice, when FVDM_DISTRIBUTED=1, or from --coordinator_address/--num_processes/--process_id.
+Multi-process runs (TPU pods, SLURM, MPI, several local processes) initialize jax.distributed
+here, before any other JAX call: where fvdm_jax/distributed.py detects a cluster the way JAX does
+(FVDM_DISTRIBUTED=1/0 forces either way), or from --coordinator_address/--num_processes/--process_id.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -24,31 +25,14 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a man
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual launch.")
 
 
-def _multi_process_environment() -> bool:
-    if os.environ.get("FVDM_DISTRIBUTED") == "1":
-        return True
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
-        return True
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-
-
 def maybe_initialize_distributed() -> None:
     """jax.distributed.initialize() for multi-process launches only (never in data workers,
-    which do not run this module's main)."""
-    import jax
+    which do not run this module's main); see fvdm_jax/distributed.py for the detection."""
+    from fvdm_jax.distributed import initialize
 
-    if _COORDINATOR.value is not None:
-        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
-            raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value,
-            num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
-        )
-    elif _multi_process_environment():
-        jax.distributed.initialize()
+    if _COORDINATOR.value is not None and (_NUM_PROCESSES.value is None or _PROCESS_ID.value is None):
+        raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
 def _train(config, workdir):
@@ -103,6 +87,7 @@ def main(argv):
     maybe_initialize_distributed()
     import jax
 
+    from fvdm_jax.checkpoint import CheckpointError
     from fvdm_jax.train import NonFiniteError
 
     logging.info(
@@ -114,10 +99,20 @@ def main(argv):
     )
     try:
         MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, FileNotFoundError, FileExistsError, NonFiniteError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, NonFiniteError, CheckpointError) as e:
         # What the user can fix, in one line; every other exception keeps its traceback.
         print(f"fvdm_jax: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            raise
+        print(f"fvdm_jax: error: {e.strerror}: {e.filename or ''} (free space or fix permissions, "
+              f"then rerun: training resumes from the last checkpoint)", file=sys.stderr)
+        sys.exit(1)
+
+
+# A full disk, a quota, a read-only or forbidden path: one line, not a traceback.
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _one_line(error: BaseException) -> str:
@@ -132,6 +127,11 @@ def _one_line(error: BaseException) -> str:
 
 def parse_flags(argv):
     """absl flag parsing with config errors reduced to one line (unknown keys, bad values)."""
+    config = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    if config is not None and not os.path.isfile(config.split(":", 1)[0]):
+        print(f"fvdm_jax: error: --config={config}: no such file (give a configs/*.py file)",
+              file=sys.stderr)
+        sys.exit(2)
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

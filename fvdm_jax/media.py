@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fvdm_jax.data.clips import short_side_resize_crop, to_signed_unit
-from fvdm_jax.data.video import is_image_file, is_video_file, read_frames
+from fvdm_jax.data.video import VideoReadError, is_image_file, is_video_file, read_frames
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.files import atomic_path
 
@@ -131,14 +131,21 @@ def load_input(path: str, size: int, max_frames: int | None = None) -> np.ndarra
     if not os.path.exists(path):
         raise FileNotFoundError(f"sample input {path} does not exist")
     if os.path.isdir(path) or is_video_file(path):
-        frames = read_frames(path)
+        try:
+            frames = read_frames(path)
+        except VideoReadError as error:
+            raise ConfigError(f"sample input {path} cannot be decoded ({error}); give a readable "
+                              f"video, image or frame folder") from None
         if max_frames is not None:
             frames = frames[:max_frames]
     elif is_image_file(path):
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(path) as image:
-            frames = np.asarray(image.convert("RGB"))[None]
+        try:
+            with Image.open(path) as image:
+                frames = np.asarray(image.convert("RGB"))[None]
+        except (UnidentifiedImageError, OSError) as error:
+            raise ConfigError(f"sample input {path} is not a readable image ({error})") from None
     else:
         raise ConfigError(f"sample input {path} is neither an image, a video nor a frame folder")
     resized = short_side_resize_crop(frames.astype(np.float32), size, antialias=True)

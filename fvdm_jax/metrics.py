@@ -18,17 +18,44 @@ import numpy as np
 METRICS_FILE = "metrics.jsonl"
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrites metrics.jsonl without rows of steps > `step` (atomically; a no-op if none)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines if _row_step(line) <= step]
+    if len(keep) == len(lines):
+        return
+    from fvdm_jax.files import write_text
+
+    write_text(path, "".join(keep))
+    logging.info("%s: dropped %d rows of steps after %d (trained again now)", path,
+                 len(lines) - len(keep), step)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")  # a torn last line of a crash: dropped with the rows after `step`
+
+
 class MetricsLogger:
     """Writes scalars per logged step. Only process 0 writes files; the others only log."""
 
-    def __init__(self, workdir: str, num_steps: int, every_steps: int):
+    def __init__(self, workdir: str, num_steps: int, every_steps: int, start_step: int = 0):
+        """start_step: the step training resumes from; rows of later steps (written before a crash,
+        now trained again) are dropped from metrics.jsonl, so every step appears once."""
         self.is_main = jax.process_index() == 0
         self._jsonl = None
         self._writer = None
         self._progress = None
         if self.is_main:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", buffering=1)
+            path = os.path.join(workdir, METRICS_FILE)
+            _drop_rows_after(path, start_step)
+            self._jsonl = open(path, "a", buffering=1)
         try:
             from clu import metric_writers, periodic_actions
 
@@ -41,6 +68,9 @@ class MetricsLogger:
             )
         except ImportError as e:  # no tensorflow/clu on this machine
             logging.warning("clu writers unavailable (%s); logging to %s only", e, METRICS_FILE)
+        except Exception as e:  # noqa: BLE001 - e.g. a full disk: TensorBoard is not worth a crash
+            logging.warning("TensorBoard writer unavailable (%s); logging to %s only", e, METRICS_FILE)
+            self._writer = self._progress = None
         self._last_time = None
         self._last_step = None
 

@@ -275,13 +275,16 @@ def train(
     source = make_source(config.data, config.model, config.get("vae"), workdir=workdir)
     ckpt = TrainCheckpointer(workdir, config.checkpoint)
 
-    latest = ckpt.latest_step()
-    if latest is None:
+    # The newest checkpoint that reads back and verifies; damaged ones are moved aside.
+    resumed = ckpt.restore_newest_good(
+        setup.abstract_state,
+        check_config=lambda saved, step: check_resume(saved, config, step, ckpt.directory))
+    latest = None if resumed is None else resumed[0]
+    if resumed is None:
         state = create_state(setup, int(train_cfg.seed))
         start = 0
     else:
-        check_resume(ckpt.saved_config(latest), config, latest, ckpt.directory)
-        state = ckpt.restore_state(latest, setup.abstract_state)
+        latest, state, saved_config = resumed
         start = int(jax.device_get(state.step))
         logging.info("resumed from %s at step %d", ckpt.directory, start)
 
@@ -295,9 +298,13 @@ def train(
         num_workers=int(config.data.num_workers),
     )
     if latest is not None:
-        saved = ckpt.saved_config(latest).get("runtime", {})
+        saved = saved_config.get("runtime", {})
         if saved.get("process_count") == jax.process_count():
-            ckpt.restore_data_iter(latest, data_iter)
+            try:
+                ckpt.restore_data_iter(latest, data_iter)
+            except Exception as error:  # noqa: BLE001 - every batch is a function of the step
+                logging.warning("the data iterator state of step %d does not read back (%s); the "
+                                "iterator restarts at the step instead", latest, error)
         else:
             # Another topology: the iterator restarts deterministically at the step instead.
             logging.info("data iterator restarted at step %d (process count changed)", start)
@@ -313,7 +320,7 @@ def train(
         mesh=setup.mesh,
         rules=setup.rules,
     )
-    logger = MetricsLogger(workdir, num_steps, int(train_cfg.log_every_steps))
+    logger = MetricsLogger(workdir, num_steps, int(train_cfg.log_every_steps), start_step=start)
     actions = list(actions(setup.mesh, source) if callable(actions) else actions)
     batches = DevicePrefetcher(
         data_iter, setup.mesh, setup.rules, int(config.data.get("device_prefetch", 0))
@@ -359,6 +366,7 @@ def train(
             )
             final = done == num_steps or stop
             if done % int(train_cfg.log_every_steps) == 0 or final:
+                ckpt.check_for_errors()  # a failed async save stops the run now, in one line
                 _check_finite(state, last_saved)
                 scalars = _mean_metrics(pending)
                 pending = []

@@ -10,8 +10,9 @@
 #   2. creates a virtualenv and installs requirements.txt, the package, and jax[tpu] at the
 #      version pinned in requirements.txt,
 #   3. runs: python -m fvdm_jax.main --config=$CONFIG --workdir=$WORKDIR "$@".
-# main.py calls jax.distributed.initialize() itself; on a TPU pod it auto-detects the
-# coordinator, the process count and the process id, so no distributed flags are passed.
+# The job runs with FVDM_DISTRIBUTED=1, so main.py calls jax.distributed.initialize() on every
+# host (TPU VMs often leave TPU_WORKER_HOSTNAMES unset; JAX then reads the coordinator, the process
+# count and the process id from the GCE metadata), so no distributed flags are passed.
 #
 # Variables (environment):
 #   TPU_NAME       required  name of the TPU VM (pod slice), as in `gcloud compute tpus tpu-vm list`
@@ -105,7 +106,7 @@ fi
 
 # The job's command line, quoted once for the remote shell.
 # shellcheck disable=SC2088  # the ~ is expanded by the remote shell, on purpose
-run="~/$q_venv/bin/python -m fvdm_jax.main"
+run="FVDM_DISTRIBUTED=1 ~/$q_venv/bin/python -m fvdm_jax.main"
 run+=" $(printf %q "--config=$CONFIG") $(printf %q "--workdir=$WORKDIR")"
 for arg in "$@"; do
   run+=" $(printf %q "$arg")"

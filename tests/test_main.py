@@ -106,6 +106,12 @@ def test_bad_flags_fail_with_one_line(tmp_path, flag, message):
     assert code == 2 and len(lines) == 1 and message in lines[0], err
 
 
+def test_missing_config_file_fails_with_one_line(tmp_path):
+    code, _, err = finish(run_main("--config=configs/no_such.py", f"--workdir={tmp_path}"))
+    lines = [line for line in err.strip().splitlines() if line]
+    assert code == 2 and len(lines) == 1 and "no such file" in lines[0], err
+
+
 def test_bad_config_value_fails_with_one_line(tmp_path):
     code, _, err = finish(run_main(f"--config={TINY}", f"--workdir={tmp_path}", "--config.train.batch_size=12"))
     errors = [line for line in err.splitlines() if line.startswith("fvdm_jax: error")]
@@ -145,3 +151,36 @@ def test_two_processes_match_one(tmp_path):
     ref = [r["loss"] for r in losses(single)]
     assert len(multi) == len(ref) == 3
     np.testing.assert_allclose(multi, ref, rtol=1e-5)
+
+    # Export on 2 processes (each writes its shards, process 0 the config), then sample from the
+    # export on 2 processes and on 1: the same videos as sampling this process's own workdir.
+    def two(*args):
+        port = _free_port()
+        procs = [run_main(*args, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                          f"--process_id={i}", devices=4) for i in range(2)]
+        out = [finish(p) for p in procs]
+        for code, _, err in out:
+            assert code == 0, err[-3000:]
+        return out[0][1].strip().splitlines()[-1]
+
+    import jax
+
+    exported = two(f"--config={TINY}", f"--workdir={shared}", "--mode=export")
+    params, saved = load_inference_checkpoint(exported)
+    ema = train(config, single).state.ema_params  # finished: restores, trains nothing
+    for got, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ema)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(jax.device_get(want)), rtol=1e-5, atol=1e-6)
+    sample = ["--mode=sample", "--config.sample.num_videos=4", "--config.sample.batch_size=4",
+              "--config.sample.num_steps=3", "--config.sample.save_media=False",
+              f"--config.sample.checkpoint={exported}"]
+    from_export = two(f"--config={TINY}", f"--workdir={tmp_path / 'sample2'}", *sample)
+    code, out, err = finish(run_main(f"--config={TINY}", f"--workdir={tmp_path / 'sample1'}", *sample))
+    assert code == 0, err[-3000:]
+    one_process = out.strip().splitlines()[-1]
+    code, out, err = finish(run_main(f"--config={TINY}", f"--workdir={shared}", *sample[:-1]))
+    assert code == 0, err[-3000:]  # from the training workdir's EMA weights, not the export
+    from_workdir = out.strip().splitlines()[-1]
+    with np.load(from_export) as a, np.load(one_process) as b, np.load(from_workdir) as c:
+        assert a["videos"].shape[0] == 4 and a["videos"].std() > 0
+        for other in (b, c):  # the same videos up to uint8 rounding
+            assert np.abs(a["videos"].astype(int) - other["videos"].astype(int)).max() <= 1

@@ -79,3 +79,18 @@ def test_load_input_images_and_videos(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="neither an image"):
         media.load_input(str(tmp_path / "notes.txt"), 16)
+
+
+def test_unreadable_inputs_fail_with_one_line(tmp_path):
+    from fvdm_jax.errors import ConfigError
+
+    (tmp_path / "fake.png").write_text("not an image")
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x01 not a video")
+    (tmp_path / "notes.txt").write_text("text")
+    for name, message in (("fake.png", "not a readable image"), ("broken.mp4", "cannot be decoded"),
+                          ("notes.txt", "neither an image")):
+        with pytest.raises(ConfigError, match=message) as info:
+            media.load_input(str(tmp_path / name), 16)
+        assert "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        media.load_input(str(tmp_path / "missing.png"), 16)

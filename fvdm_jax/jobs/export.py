@@ -32,13 +32,17 @@ def export(config, workdir: str, output: str | None = None, devices=None) -> str
     checkpoint.export_dir, else WORKDIR/export/step_N) and returns the path."""
     ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)
     try:
-        latest = ckpt.latest_step()
-        if latest is None:
+        if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint under {ckpt.directory} to export; train first")
-        config = with_saved_weights_config(config, ckpt.saved_config(latest))
         mesh = shd.make_mesh(config.mesh, devices)
-        target = abstract_params(config.model, mesh, shd.rules_from_config(config.mesh))
-        ema = ckpt.restore_ema(latest, target)
+        rules = shd.rules_from_config(config.mesh)
+
+        def abstract_for(saved):
+            return abstract_params(with_saved_weights_config(config, saved).model, mesh, rules)
+
+        # The newest checkpoint whose EMA weights verify (a damaged one is skipped, reported).
+        latest, ema, saved = ckpt.restore_newest_good_ema(abstract_for)
+        config = with_saved_weights_config(config, saved)
     finally:
         ckpt.close()
     output = output or config.checkpoint.get("export_dir") or os.path.join(

@@ -40,15 +40,19 @@ def load_sampling_params(config, workdir: str):
 
     ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)
     try:
-        latest = ckpt.latest_step()
-        if latest is None:
+        if ckpt.latest_step() is None:
             raise FileNotFoundError(
                 f"no checkpoint under {ckpt.directory}: train first, or set "
                 f"--config.sample.checkpoint=DIR (an exported or converted inference checkpoint)"
             )
-        model_config, diffusion_config = weights_config(ckpt.saved_config(latest), config)
-        mesh = shd.make_mesh(config.mesh)
-        ema = ckpt.restore_ema(latest, abstract_params(model_config, mesh, shd.rules_from_config(config.mesh)))
+        mesh, rules = shd.make_mesh(config.mesh), shd.rules_from_config(config.mesh)
+
+        def abstract_for(saved):
+            return abstract_params(weights_config(saved, config)[0], mesh, rules)
+
+        # The newest checkpoint whose EMA weights verify (a damaged one is skipped, reported).
+        latest, ema, saved = ckpt.restore_newest_good_ema(abstract_for)
+        model_config, diffusion_config = weights_config(saved, config)
     finally:
         ckpt.close()
     logging.info("sampling with the EMA parameters of step %d (%s)", latest, ckpt.directory)

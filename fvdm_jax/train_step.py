@@ -114,6 +114,28 @@ def _split_micro(x, num_micro):
     return x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:])
 
 
+def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation,
+                    train: Mapping[str, Any]):
+    """The update of one step from its gradients: torch's clip_grad_norm_ from
+    train.grad_clip_start_step on, AdamW, then the EMA of the new parameters.
+    Returns (params, ema_params, opt_state, grad_norm before clipping, updates)."""
+    grad_norm = optax.tree.norm(grads)
+    clip = float(train["grad_clip"])
+    if clip > 0:
+        # torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when the norm exceeds it,
+        # only from grad_clip_start_step on (the official recipe starts clipping late).
+        active = state.step >= int(train["grad_clip_start_step"])
+        scale = jnp.where(active, jnp.minimum(1.0, clip / (grad_norm + 1e-6)), 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = float(train["ema_decay"])
+    ema = jax.tree_util.tree_map(
+        lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32), state.ema_params, params
+    )
+    return params, ema, opt_state, grad_norm, updates
+
+
 def train_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
@@ -171,20 +193,7 @@ def train_step(
         (grads, aux), _ = jax.lax.scan(accumulate, zeros, micro)
         grads, aux = jax.tree_util.tree_map(lambda a: a / num_micro, (grads, aux))
 
-    grad_norm = optax.tree.norm(grads)
-    clip = float(train["grad_clip"])
-    if clip > 0:
-        # torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when the norm exceeds it,
-        # only from grad_clip_start_step on (the official recipe starts clipping late).
-        active = state.step >= int(train["grad_clip_start_step"])
-        scale = jnp.where(active, jnp.minimum(1.0, clip / (grad_norm + 1e-6)), 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = float(train["ema_decay"])
-    ema = jax.tree_util.tree_map(
-        lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32), state.ema_params, params
-    )
+    params, ema, opt_state, grad_norm, updates = apply_gradients(state, grads, optimizer, train)
     # The update norm catches blow-ups the loss does not show yet (e.g. a NaN learning rate).
     finite = (
         jnp.isfinite(aux["loss"])

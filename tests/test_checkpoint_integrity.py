@@ -158,3 +158,17 @@ def test_a_failing_save_stops_in_one_line(runs, tmp_path, async_save):
     assert not [n for n in names if "tmp" in n]  # the failed save's folder is gone
     # Space again: the run resumes from step 2.
     assert train(config, workdir).step == 4
+
+
+def test_exact_resume_with_async_saves(runs, tmp_path):
+    """The default async_save=True: 2 steps, then a restart to 3, equals the uninterrupted
+    (synchronous) 3-step run bit for bit."""
+    config = tiny(2)
+    config.checkpoint.async_save = True
+    workdir = str(tmp_path / "async")
+    train(config, workdir)
+    config.train.num_steps = 3
+    result = train(config, workdir)
+    assert result.step == 3
+    for got, want in zip(leaves(result.state), leaves(runs[1].state)):
+        np.testing.assert_array_equal(got, want)

@@ -196,3 +196,23 @@ def test_state_restore_rebuilds_worker_processes_at_the_saved_step(source):
         iterator.close()
     _assert_same_batches(got[:2], expected[:2])
     _assert_same_batches(got[2:], expected[1:])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_each_epoch_draws_new_clips_of_the_same_videos(shuffle):
+    """An epoch-indexed source (the demo clips: windows, crops and flips seeded by the index it
+    receives) sees index v + len * epoch, so one video gives other clips in epoch 0 and 1."""
+    from fvdm_jax.data.demo import DemoClipSource
+
+    demo = DemoClipSource(num_examples=2, num_frames=4, image_size=8, frame_interval=2, seed=0,
+                          clip_names=("carphone_pristine.mp4",))
+    iterator = host_batches(demo, global_batch_size=2, seed=5, start_step=0, process_index=0,
+                            process_count=1, shuffle=shuffle)
+    epoch0, epoch1 = next(iterator)["video"], next(iterator)["video"]
+    # Every clip of epoch 1 differs from every clip of epoch 0 (same video, new window / crop).
+    for a in epoch1:
+        assert all(not np.array_equal(a, b) for b in epoch0)
+    # ...and they are the source's own examples 2 and 3 (index + len * epoch).
+    expected = np.stack([demo[2]["video"], demo[3]["video"]])
+    for a in epoch1:
+        assert any(np.array_equal(a, b) for b in expected)

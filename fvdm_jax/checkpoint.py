@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from fvdm_jax import files
 from fvdm_jax.errors import ConfigError
-from fvdm_jax.files import write_json
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -42,9 +40,9 @@ def save_inference_checkpoint(
     process calls this (each writes its own shards) and process 0 writes config.json."""
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
-    params_dir = os.path.join(directory, PARAMS_DIR)
-    exists = os.path.exists(params_dir)
+    directory = files.resolve(directory)
+    params_dir = files.join(directory, PARAMS_DIR)
+    exists = files.exists(params_dir)
     if jax.process_count() > 1:  # every process decides alike, before anyone writes
         from jax.experimental import multihost_utils
 
@@ -54,25 +52,25 @@ def save_inference_checkpoint(
             f"{params_dir} already exists; choose an empty output directory or remove it first"
         )
     if jax.process_index() == 0:
-        os.makedirs(directory, exist_ok=True)
+        files.makedirs(directory)
     params = jax.tree_util.tree_map(lambda a: a if isinstance(a, jax.Array) else np.asarray(a), params)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(params_dir, params)
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         config = {"model": _plain(model_config), "diffusion": _plain(diffusion_config)}
-        write_json(os.path.join(directory, CONFIG_FILE), config, indent=2)
+        files.write_json(files.join(directory, CONFIG_FILE), config, indent=2)
     return directory
 
 
 def load_inference_config(directory: str) -> dict:
-    path = os.path.join(os.path.abspath(directory), CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = files.join(files.resolve(directory), CONFIG_FILE)
+    if not files.isfile(path):
         raise FileNotFoundError(
             f"{path} not found: an inference checkpoint directory holds params/ and config.json "
             f"(write one with `python -m fvdm_jax.convert` or training's --mode=export)"
         )
-    with open(path) as f:
+    with files.open_file(path) as f:
         config = json.load(f)
     for section in ("model", "diffusion"):
         if section not in config:
@@ -86,8 +84,8 @@ def load_inference_checkpoint(directory: str, target=None):
     import orbax.checkpoint as ocp
 
     config = load_inference_config(directory)
-    params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
-    if not os.path.isdir(params_dir):
+    params_dir = files.join(files.resolve(directory), PARAMS_DIR)
+    if not files.isdir(params_dir):
         raise FileNotFoundError(f"{params_dir} not found: the checkpoint has no parameters")
     checkpointer = ocp.StandardCheckpointer()
     if target is None:
@@ -173,9 +171,9 @@ class TrainCheckpointer:
 
         if int(checkpoint_config["every_steps"]) < 1 or int(checkpoint_config["keep"]) < 1:
             raise ConfigError("checkpoint.every_steps and checkpoint.keep must be at least 1")
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = files.join(files.resolve(workdir), "checkpoints")
         self.every_steps = int(checkpoint_config["every_steps"])
-        if read_only and not os.path.isdir(self.directory):
+        if read_only and not files.isdir(self.directory):
             raise FileNotFoundError(
                 f"no checkpoint under {self.directory}: train first (--mode=train), or set "
                 f"--config.sample.checkpoint=DIR (an exported or converted inference checkpoint)"
@@ -190,7 +188,7 @@ class TrainCheckpointer:
             create=not read_only,
         )
         self.read_only = read_only
-        self.quarantine_directory = os.path.join(os.path.abspath(workdir), QUARANTINE_DIR)
+        self.quarantine_directory = files.join(files.resolve(workdir), QUARANTINE_DIR)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_names=("state", "data_iter", "config", "fingerprints"),
@@ -199,12 +197,12 @@ class TrainCheckpointer:
     def _remove_unfinished_saves(self) -> None:
         """Deletes the tmp folders of saves that a crash cut short (orbax never reads them; an XL
         one holds ~11 GB). Only at start, before this run saves anything, and on process 0."""
-        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+        if jax.process_index() != 0 or not files.isdir(self.directory):
             return
-        for name in sorted(os.listdir(self.directory)):
+        for name in files.listdir(self.directory):
             if TMP_MARKER in name:
-                logging.warning("removing the unfinished save %s", os.path.join(self.directory, name))
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                logging.warning("removing the unfinished save %s", files.join(self.directory, name))
+                files.rmtree(files.join(self.directory, name))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -246,7 +244,7 @@ class TrainCheckpointer:
         """The fingerprints saved with `step`; None for a checkpoint written without them."""
         import orbax.checkpoint as ocp
 
-        if not os.path.isdir(os.path.join(self.directory, str(step), "fingerprints")):
+        if not files.isdir(files.join(self.directory, str(step), "fingerprints")):
             return None
         restored = self.manager.restore(step, args=ocp.args.Composite(fingerprints=ocp.args.JsonRestore()))
         return restored["fingerprints"]
@@ -254,18 +252,18 @@ class TrainCheckpointer:
     def quarantine(self, step: int, reason: str) -> str:
         """Moves a damaged checkpoint out of the way (never deletes it): WORKDIR/checkpoints_damaged/
         <step>; returns where it went. A read-only checkpointer only reports it."""
-        source = os.path.join(self.directory, str(step))
-        target = os.path.join(self.quarantine_directory, str(step))
+        source = files.join(self.directory, str(step))
+        target = files.join(self.quarantine_directory, str(step))
         if self.read_only:
             logging.error("checkpoint %s is damaged (%s); skipped", source, reason)
             return source
-        if jax.process_index() == 0 and os.path.isdir(source):
-            os.makedirs(self.quarantine_directory, exist_ok=True)
+        if jax.process_index() == 0 and files.isdir(source):
+            files.makedirs(self.quarantine_directory)
             suffix = 0
-            while os.path.exists(target):
+            while files.exists(target):
                 suffix += 1
-                target = os.path.join(self.quarantine_directory, f"{step}.{suffix}")
-            shutil.move(source, target)
+                target = files.join(self.quarantine_directory, f"{step}.{suffix}")
+            files.move(source, target)
         _sync(f"fvdm_jax_quarantine_{step}")
         self.manager.reload()
         logging.error("checkpoint %s is damaged (%s); moved to %s, falling back to the previous one",
@@ -351,7 +349,7 @@ class TrainCheckpointer:
         import orbax.checkpoint as ocp
 
         target = {"ema_params": abstract_ema}
-        path = os.path.join(self.directory, str(step), "state")
+        path = files.join(self.directory, str(step), "state")
         with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
             restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

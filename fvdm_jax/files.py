@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -32,7 +33,12 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 def write_json(path: str, value: Any, *, indent: int | None = 1, sort_keys: bool = True) -> str:
-    """value as JSON at path, atomically; creates the folder."""
+    """value as JSON at path, atomically (a URL: written in one request); creates the folder."""
+    if is_url(path):
+        makedirs(path.rsplit("/", 1)[0])
+        with open_file(path, "w") as f:
+            json.dump(value, f, indent=indent, sort_keys=sort_keys)
+        return path
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
@@ -42,6 +48,10 @@ def write_json(path: str, value: Any, *, indent: int | None = 1, sort_keys: bool
 
 
 def write_text(path: str, text: str) -> str:
+    if is_url(path):
+        with open_file(path, "w") as f:
+            f.write(text)
+        return path
     with atomic_path(path) as temporary, open(temporary, "w") as f:
         f.write(text)
     return path
@@ -66,3 +76,71 @@ def progress(total: int, desc: str, *, unit: str = "video", leave: bool = False)
     import jax
 
     return tqdm(total=total, desc=desc, unit=unit, disable=jax.process_index() != 0, leave=leave)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths: local ones made absolute; URLs (gs://, s3://, anything with a scheme) left alone and
+# handled through etils.epath, orbax's own path layer, so a bucket workdir is never turned into
+# a local folder named 'gs:'.
+
+
+def is_url(path) -> bool:
+    return "://" in str(path)
+
+
+def resolve(path) -> str:
+    """An absolute local path, or the URL unchanged."""
+    return str(path) if is_url(path) else os.path.abspath(path)
+
+
+def join(root, *parts) -> str:
+    if is_url(root):
+        return "/".join([str(root).rstrip("/"), *[str(p).strip("/") for p in parts]])
+    return os.path.join(root, *parts)
+
+
+def _path(path):
+    from etils import epath
+
+    return epath.Path(path)
+
+
+def exists(path) -> bool:
+    return _path(path).exists() if is_url(path) else os.path.exists(path)
+
+
+def isdir(path) -> bool:
+    return _path(path).is_dir() if is_url(path) else os.path.isdir(path)
+
+
+def isfile(path) -> bool:
+    return _path(path).is_file() if is_url(path) else os.path.isfile(path)
+
+
+def listdir(path) -> list[str]:
+    return sorted(p.name for p in _path(path).iterdir()) if is_url(path) else sorted(os.listdir(path))
+
+
+def makedirs(path) -> None:
+    if is_url(path):
+        _path(path).mkdir(parents=True, exist_ok=True)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def open_file(path, mode: str = "r"):
+    return _path(path).open(mode) if is_url(path) else open(path, mode)
+
+
+def move(source, target) -> None:
+    if is_url(source) or is_url(target):
+        _path(source).rename(target)
+    else:
+        shutil.move(source, target)
+
+
+def rmtree(path) -> None:
+    if is_url(path):
+        _path(path).rmtree(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

@@ -8,28 +8,27 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 
+from fvdm_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 
 
 def _drop_rows_after(path: str, step: int) -> None:
     """Rewrites metrics.jsonl without rows of steps > `step` (atomically; a no-op if none)."""
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         return
-    with open(path) as f:
+    with files.open_file(path) as f:
         lines = f.readlines()
     keep = [line for line in lines if _row_step(line) <= step]
     if len(keep) == len(lines):
         return
-    from fvdm_jax.files import write_text
-
-    write_text(path, "".join(keep))
+    files.write_text(path, "".join(keep))
     logging.info("%s: dropped %d rows of steps after %d (trained again now)", path,
                  len(lines) - len(keep), step)
 
@@ -39,6 +38,25 @@ def _row_step(line: str) -> float:
         return float(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
         return float("inf")  # a torn last line of a crash: dropped with the rows after `step`
+
+
+class _UrlAppender:
+    """'a'-mode writes to a URL (object stores cannot append): the whole file is rewritten on
+    each flush, which happens at every logged step (small: one row per log interval)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.text = ""
+        if files.isfile(path):
+            with files.open_file(path) as f:
+                self.text = f.read()
+
+    def write(self, text: str) -> None:
+        self.text += text
+        files.write_text(self.path, self.text)
+
+    def close(self) -> None:
+        pass
 
 
 class MetricsLogger:
@@ -52,10 +70,11 @@ class MetricsLogger:
         self._writer = None
         self._progress = None
         if self.is_main:
-            os.makedirs(workdir, exist_ok=True)
-            path = os.path.join(workdir, METRICS_FILE)
+            files.makedirs(workdir)
+            path = files.join(workdir, METRICS_FILE)
             _drop_rows_after(path, start_step)
-            self._jsonl = open(path, "a", buffering=1)
+            # A bucket has no appends: rows go to a local buffer file, copied up at close.
+            self._jsonl = open(path, "a", buffering=1) if not files.is_url(path) else _UrlAppender(path)
         try:
             from clu import metric_writers, periodic_actions
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 
+from fvdm_jax import files
 from fvdm_jax import sharding as shd
 from fvdm_jax.diffusion import tasks
 from fvdm_jax.errors import ConfigError
@@ -71,8 +72,8 @@ def _num_frames(config) -> int:
 
 
 def latest_checkpoint_step(workdir: str) -> int:
-    folder = os.path.join(workdir, "checkpoints")
-    steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+    folder = files.join(workdir, "checkpoints")
+    steps = [int(n) for n in files.listdir(folder) if n.isdigit()] if files.isdir(folder) else []
     return max(steps, default=0)
 
 
@@ -80,8 +81,13 @@ def append_record(workdir: str, record: dict) -> None:
     """One JSON line in WORKDIR/eval.jsonl (process 0)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, EVAL_FILE), "a") as f:
+    files.makedirs(workdir)
+    path = files.join(workdir, EVAL_FILE)
+    if files.is_url(path):  # object stores cannot append
+        old = files.open_file(path).read() if files.isfile(path) else ""
+        files.write_text(path, old + json.dumps(record, sort_keys=True) + "\n")
+        return
+    with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 

@@ -119,7 +119,7 @@ def weights_identity(config, workdir: str) -> str:
     """Which weights a job samples with: the inference checkpoint's path, or the training step of
     WORKDIR's latest checkpoint (more training must not mix into an earlier job's batches)."""
     if config.sample.get("checkpoint"):
-        return os.path.abspath(config.sample.checkpoint)
+        return files.resolve(config.sample.checkpoint)
     from fvdm_jax.checkpoint import TrainCheckpointer
 
     ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)

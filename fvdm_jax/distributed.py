@@ -71,9 +71,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """Starts jax.distributed where a launch asks for it; returns how it was detected."""
     import jax
 
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu" and (coordinator is not None or detect()):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU rehearsals
     if coordinator is not None:
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
         how = "flags"

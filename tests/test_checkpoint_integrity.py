@@ -56,6 +56,18 @@ def data_files(workdir, step):
     return sorted(files, key=os.path.getsize, reverse=True)
 
 
+def damage_file(path, truncate=False, stride=None):
+    """One flipped bit in the middle of the file (or one every `stride` bytes: every chunk of
+    every array stored there is hit), or its second half cut off."""
+    data = bytearray(open(path, "rb").read())
+    if truncate:
+        data = data[: len(data) // 2]
+    else:
+        for position in range(stride // 2, len(data), stride) if stride else [len(data) // 2]:
+            data[position] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
 def assert_fell_back_to_step_1(workdir, result, reference, caplog):
     assert os.path.isdir(os.path.join(workdir, QUARANTINE_DIR, "2"))  # moved aside, not deleted
     assert "damaged" in caplog.text and "falling back" in caplog.text
@@ -73,13 +85,8 @@ def test_damaged_newest_checkpoint_falls_back(runs, tmp_path, caplog, damage):
     if damage == "missing_state":
         shutil.rmtree(os.path.join(workdir, "checkpoints", "2", "state"))
     else:
-        path = data_files(workdir, 2)[0]
-        data = bytearray(open(path, "rb").read())
-        if damage == "bit_flip":
-            data[len(data) // 2] ^= 0x10
-        else:
-            data = data[: len(data) // 2]
-        open(path, "wb").write(bytes(data))
+        for path in data_files(workdir, 2):  # every data file: whichever holds which arrays
+            damage_file(path, truncate=damage == "truncated")
     result = train(tiny(3), workdir)
     assert_fell_back_to_step_1(workdir, result, runs[1], caplog)
 
@@ -117,10 +124,8 @@ def test_sampling_skips_a_damaged_checkpoint(runs, tmp_path, caplog):
     from fvdm_jax.sampling.weights import load_sampling_params
 
     workdir = copy_run(runs, tmp_path)
-    path = data_files(workdir, 2)[0]
-    data = bytearray(open(path, "rb").read())
-    data[len(data) // 2] ^= 0x10
-    open(path, "wb").write(bytes(data))
+    for path in data_files(workdir, 2):  # the EMA arrays' chunks among them
+        damage_file(path, stride=512)
     config = tiny(2)
     _, _, ema = load_sampling_params(config, workdir)
     assert "damaged" in caplog.text and "skipped" in caplog.text

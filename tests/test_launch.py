@@ -76,3 +76,108 @@ def test_sigterm_to_the_script_lets_every_process_save(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert sorted(line for line in log.read_text().splitlines() if "saved" in line) == ["0 saved", "1 saved"]
+
+
+# A stub `srun`: records its arguments, then starts SLURM_NTASKS local copies of the command with
+# the variables a real srun task has (JAX's SLURM detection reads them).
+SRUN = r"""#!/usr/bin/env bash
+echo "$*" >> "$STUB_LOG"
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=localhost "$@" > "$STUB_DIR/task$i.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+exit $status
+"""
+
+
+def test_slurm_script_trains_two_tasks_through_jax_slurm_detection(tmp_path):
+    import json
+    import random
+    import sys
+
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "srun").write_text(SRUN)
+    (stubs / "srun").chmod(0o755)
+    log = tmp_path / "srun.log"
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(log),
+           "STUB_DIR": str(tmp_path), "WORKDIR": str(workdir), "CONFIG": "configs/tiny.py",
+           "PYTHON": sys.executable, "PYTHONPATH": ROOT, "REPO_DIR": ROOT,
+           "SLURM_JOB_ID": str(random.randint(1000, 9000)), "SLURM_NTASKS": "2",
+           "SLURM_CPUS_PER_TASK": "1", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
+    for key in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NODELIST", "FVDM_DISTRIBUTED"):
+        env.pop(key, None)
+    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch"),
+                           "--config.train.num_steps=3", "--config.train.log_every_steps=1"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    tasks = [(tmp_path / f"task{i}.log").read_text() for i in range(2)]
+    assert done.returncode == 0, done.stderr[-2000:] + tasks[0][-2000:] + tasks[1][-2000:]
+    recorded = log.read_text()
+    assert "--kill-on-bad-exit=1" in recorded and "--cpus-per-task=1" in recorded
+    assert f"-m fvdm_jax.main --config=configs/tiny.py --workdir={workdir}" in recorded
+    # Both tasks joined one 2-process job (FVDM_DISTRIBUTED=1 from the script, JAX's SLURM
+    # cluster detection for the coordinator and ranks) and trained 3 steps on 8 devices.
+    assert "jax.distributed (forced): process 1/2" in tasks[1]
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+# A stub `gcloud` standing in for a 2-worker TPU VM: `ssh --worker=all --command=C` runs C on
+# each worker, `scp --recurse --worker=all SRC NAME:~/` copies SRC there; a worker is a folder
+# used as HOME. The job's interpreter (~/fvdm_venv/bin/python) is a stub that records how it
+# was started.
+GCLOUD = r"""#!/usr/bin/env bash
+echo "$*" >> "$STUB_LOG"
+command=""; args=()
+for a in "$@"; do case "$a" in --command=*) command="${a#--command=}";; *) args+=("$a");; esac; done
+for ((w = 0; w < 2; w++)); do
+  home="$STUB_DIR/worker$w"; mkdir -p "$home"
+  if [[ " $* " == *" scp "* ]]; then
+    src="${args[-2]}"; cp -r "$src" "$home/"
+  elif [[ -n "$command" ]]; then
+    (cd "$home" && HOME="$home" WORKER=$w bash -c "$command") || exit $?
+  fi
+done
+"""
+PYTHON_STUB = r"""#!/usr/bin/env bash
+echo "worker=$WORKER pwd=$PWD FVDM_DISTRIBUTED=$FVDM_DISTRIBUTED args=$*" >> "$STUB_DIR/job.log"
+"""
+
+
+def test_tpu_pod_script_copies_and_starts_the_job_on_every_worker(tmp_path):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "gcloud").write_text(GCLOUD)
+    (stubs / "gcloud").chmod(0o755)
+    for w in range(2):  # the virtualenv an earlier launch left on each host
+        venv = tmp_path / f"worker{w}" / "fvdm_venv" / "bin"
+        venv.mkdir(parents=True)
+        (venv / "python").write_text(PYTHON_STUB)
+        (venv / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "gcloud.log"),
+           "STUB_DIR": str(tmp_path), "TPU_NAME": "fvdm-v5p-16", "ZONE": "us-east5-a",
+           "PROJECT": "my-project", "WORKDIR": "gs://bucket/runs/ffs xl", "SKIP_INSTALL": "1"}
+    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"),
+                           "--config.train.batch_size=64", "--config.sample.labels=1,2 3"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    calls = (tmp_path / "gcloud.log").read_text().splitlines()
+    assert all("fvdm-v5p-16" in c and "--zone=us-east5-a" in c and "--project=my-project" in c
+               for c in calls)
+    assert any(c.startswith("compute tpus tpu-vm scp --recurse --worker=all") for c in calls)
+    for w in range(2):  # the repository reached every worker, without .git
+        copy = tmp_path / f"worker{w}" / "fvdm_jax"
+        assert (copy / "fvdm_jax" / "main.py").is_file() and not (copy / ".git").exists()
+    jobs = (tmp_path / "job.log").read_text().splitlines()
+    assert len(jobs) == 2 and {j.split()[0] for j in jobs} == {"worker=0", "worker=1"}
+    for job in jobs:
+        assert "FVDM_DISTRIBUTED=1 " in job and job.split()[1].endswith("/fvdm_jax")
+        # The arguments arrive intact through two shells (spaces included).
+        assert job.endswith("args=-m fvdm_jax.main --config=configs/ffs_xl.py --workdir=gs://bucket/runs/ffs xl "
+                            "--config.train.batch_size=64 --config.sample.labels=1,2 3")

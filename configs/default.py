@@ -53,6 +53,9 @@ def get_config() -> config_dict.ConfigDict:
     data.path = config_dict.placeholder(str)  # the video folder (video_folder source, encode job)
     data.dataset = config_dict.placeholder(str)  # ffs / sky / ucf101 / taichi: the clip rules
     data.split = config_dict.placeholder(str)  # train / test (UCF101 split files), None = all
+    # Class ids of class folders: 'sorted' (official: sorted() of the folder names, what converted
+    # official UCF checkpoints expect) / 'class_ind' (UCF101's classInd.txt; differs for 4 classes).
+    data.class_ids = "sorted"
     data.frame_interval = 3  # temporal stride of the official clip sampling
     data.image_size = 256  # pixels after resize/crop (the VAE then gives image_size / 8)
     data.num_examples = 1024  # synthetic / demo: virtual dataset length

@@ -137,7 +137,7 @@ def choices() -> Mapping[str, tuple]:
     be one of them. None passes wherever the default is a placeholder."""
     from fvdm_jax.data import SOURCES
     from fvdm_jax.data.clips import DATASETS
-    from fvdm_jax.data.folder import SPLITS
+    from fvdm_jax.data.folder import CLASS_IDS, SPLITS
     from fvdm_jax.diffusion.ptss import PTSS_MODES
     from fvdm_jax.diffusion.samplers import POLICIES, SAMPLERS
     from fvdm_jax.diffusion.schedule import BETA_SCHEDULES, PREDICTIONS
@@ -162,6 +162,7 @@ def choices() -> Mapping[str, tuple]:
         "data.source": tuple(SOURCES),
         "data.dataset": tuple(DATASETS),
         "data.split": splits,
+        "data.class_ids": tuple(CLASS_IDS),
         "vae.dtype": tuple(DTYPES),
         "train.schedule": tuple(LR_SCHEDULES),
         "sample.task": tuple(TASK_NAMES),

@@ -372,7 +372,9 @@ def ucf_tree(tmp_path_factory):
 
 
 def test_ucf_layout_labels_and_official_split_files(ucf_tree):
-    every = _source(ucf_tree, "ucf101")
+    # The official sorted() order is the default; classInd.txt's ids on request.
+    assert _source(ucf_tree, "ucf101").class_names == ["Archery", "Basketball", "HandstandPushups"]
+    every = _source(ucf_tree, "ucf101", class_ids="class_ind")
     assert every.labeled and every.class_names == ["HandstandPushups", "Archery", "Basketball"]
     assert len(every) == 6 and every.num_classes == 3
     labels = {entry.relative_path: entry.label for entry in every.entries}
@@ -380,8 +382,8 @@ def test_ucf_layout_labels_and_official_split_files(ucf_tree):
     assert labels["Basketball/v_Basketball_g02_c01"] == 2
     assert labels["HandstandPushups/v_HandStandPushups_g01_c01.avi"] == 0
     assert [int(every[k]["label"]) for k in range(6)] == [e.label for e in every.entries]
-    train = _source(ucf_tree, "ucf101", split="train")
-    test = _source(ucf_tree, "ucf101", split="test")
+    train = _source(ucf_tree, "ucf101", split="train", class_ids="class_ind")
+    test = _source(ucf_tree, "ucf101", split="test", class_ids="class_ind")
     assert sorted(e.relative_path for e in train.entries) == [
         "Archery/v_Archery_g02_c01.avi", "Basketball/v_Basketball_g02_c01",
         "HandstandPushups/v_HandStandPushups_g02_c01.avi"]
@@ -539,3 +541,25 @@ def test_source_modules_never_import_jax():
                  for alias in node.names}
         names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert not any(name and name.split(".")[0] in ("jax", "flax") for name in names)
+
+
+def test_official_class_ids_differ_from_classind_for_four_ucf_classes(tmp_path):
+    """sorted() is case-sensitive: HammerThrow < Hammering and JumpRope < JumpingJack, unlike
+    classInd.txt's order. The default follows the official loader (converted UCF checkpoints)."""
+    names = ["Hammering", "HammerThrow", "JumpingJack", "JumpRope"]
+    data = tmp_path / "UCF-101"
+    for name in names:
+        _write_video(data / name / f"v_{name}_g01_c01.avi", _frames(6))
+    lists = tmp_path / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(names)))
+    official = _source(data, "ucf101")
+    assert official.class_names == sorted(names) == ["HammerThrow", "Hammering", "JumpRope", "JumpingJack"]
+    listed = _source(data, "ucf101", class_ids="class_ind")
+    assert listed.class_names == names
+    label = {e.relative_path.split("/")[0]: e.label for e in official.entries}
+    assert label == {"HammerThrow": 0, "Hammering": 1, "JumpRope": 2, "JumpingJack": 3}
+    label = {e.relative_path.split("/")[0]: e.label for e in listed.entries}
+    assert label == {"Hammering": 0, "HammerThrow": 1, "JumpingJack": 2, "JumpRope": 3}
+    with pytest.raises(ValueError, match="class_ids='alphabetical'"):
+        _source(data, "ucf101", class_ids="alphabetical")

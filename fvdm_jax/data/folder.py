@@ -3,9 +3,11 @@
 Layout. Every video file (mp4/avi/webm/mkv/mov/...) and every folder that directly holds jpg/png
 frames, anywhere under the root (symlinks followed, hidden names skipped), is one video; the
 videos are ordered by relative path (natural order). Class labels (UCF101 layout
-`root/<ClassName>/<video>`) come from the first folder under the root: ids from the official
-`classInd.txt` when one is found (its 1-based ids minus 1), else the sorted class folder names,
-as Latte's loader does. Split files: `split='train'/'test'` keeps the videos listed in
+`root/<ClassName>/<video>`) come from the first folder under the root: ids in Python's `sorted()`
+order of the class folder names (case-sensitive), as the official FVDM / Latte loader assigns
+them (`class_ids='sorted'`, the default: right for converted official UCF checkpoints), or from
+`classInd.txt` (`class_ids='class_ind'`: its 1-based ids minus 1). The two differ for UCF-101's
+Hammering / HammerThrow and JumpingJack / JumpRope. Split files: `split='train'/'test'` keeps the videos listed in
 `trainlist{fold:02d}.txt` / `testlist{fold:02d}.txt` (matched by relative path without the file
 extension, case-insensitively, so UCF101's `HandStandPushups` spelling and frame folders both
 match); without split files it reads `root/<split>/` instead.
@@ -59,6 +61,8 @@ from fvdm_jax.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+# How class folders get their ids: the official sorted() order, or UCF-101's classInd.txt.
+CLASS_IDS = ("sorted", "class_ind")
 # Where the UCF101 split files may sit, relative to the data root.
 _SPLIT_DIR_CANDIDATES = (".", "ucfTrainTestlist", "../ucfTrainTestlist", "..")
 # How many skipped paths the warnings name before summarizing.
@@ -167,6 +171,7 @@ class VideoFolderSource:
         seed: int = 0,
         split: str | None = None,
         labels: bool | None = None,
+        class_ids: str = "sorted",
         split_dir: str | os.PathLike | None = None,
         fold: int = 1,
         antialias: bool = False,
@@ -182,6 +187,8 @@ class VideoFolderSource:
         seed: with the index, determines every clip (window, flip).
         split: None / 'all' for every video; 'train' / 'test' (see the module docstring).
         labels: class ids from the first folder under root; None means True for ucf101 only.
+        class_ids: 'sorted' (official: sorted() of the class folder names) or 'class_ind'
+          (classInd.txt, found as split_dir says; without one: sorted, with a warning).
         split_dir: folder with classInd.txt and the split lists; None searches root,
           root/ucfTrainTestlist, root/../ucfTrainTestlist and root/..
         fold: which official split (1-3): trainlist{fold:02d}.txt.
@@ -260,11 +267,17 @@ class VideoFolderSource:
                     f"sits directly in {video_root}; pass labels=False for unconditional data."
                 )
             class_folders = sorted({path.split("/", 1)[0] for path in relative})
+            if class_ids not in CLASS_IDS:
+                raise ConfigError(f"class_ids={class_ids!r} is not one of {CLASS_IDS}")
             class_index_file = split_folder / "classInd.txt" if split_folder else None
-            if class_index_file is not None and class_index_file.is_file():
-                class_ids = read_class_index(class_index_file)
-                self.class_names = sorted(class_ids, key=class_ids.get)
-                by_name = {name.casefold(): i for name, i in class_ids.items()}
+            has_index = class_index_file is not None and class_index_file.is_file()
+            if class_ids == "class_ind" and not has_index:
+                logger.warning("data.class_ids='class_ind' but no classInd.txt near %s: class ids "
+                               "follow the sorted class folder names", video_root)
+            if class_ids == "class_ind" and has_index:
+                index_ids = read_class_index(class_index_file)
+                self.class_names = sorted(index_ids, key=index_ids.get)
+                by_name = {name.casefold(): i for name, i in index_ids.items()}
             else:
                 by_name = {name.casefold(): i for i, name in enumerate(class_folders)}
                 self.class_names = class_folders

@@ -133,6 +133,7 @@ def make_source(
             seed=_required(data_config, "seed", "data"),
             split=data_config.get("split"),
             labels=num_classes > 0,
+            class_ids=data_config.get("class_ids") or "sorted",
         )
         logging.info("%s", built.describe())
     if built.num_classes != num_classes:

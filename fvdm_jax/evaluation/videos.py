@@ -181,7 +181,7 @@ class RealFolderClips:
 
     def __init__(self, root: str, *, dataset: str | None, split: str | None, num_frames: int,
                  subsample_factor: int, resolution: int, mirror: bool, selection: str,
-                 num_videos: int, seed: int, labels: bool):
+                 num_videos: int, seed: int, labels: bool, class_ids: str = "sorted"):
         from fvdm_jax.data.folder import VideoFolderSource
         from fvdm_jax.data.video import ShortVideoError, read_frames
 
@@ -191,7 +191,7 @@ class RealFolderClips:
         split = None if split in (None, "", "all") else split
         # num_frames=1, frame_interval=1: index everything; StyleGAN-V's length rule comes below.
         kwargs = dict(dataset=dataset or "ffs", num_frames=1, frame_interval=1, image_size=resolution,
-                      seed=seed, labels=labels)
+                      seed=seed, labels=labels, class_ids=class_ids)
         try:
             source = VideoFolderSource(root, split=split, **kwargs)
         except FileNotFoundError:
@@ -335,4 +335,5 @@ def open_real(config, protocol: Protocol, labels: bool = False):
         num_frames=protocol.num_frames, subsample_factor=protocol.subsample_factor,
         resolution=protocol.resolution, mirror=protocol.mirror, selection=protocol.selection,
         num_videos=protocol.num_videos, seed=protocol.seed, labels=labels,
+        class_ids=config.data.get("class_ids") or "sorted",
     )

@@ -113,6 +113,7 @@ def encode_dataset(config, workdir: str, encoder=None) -> str:
         image_size=int(data.image_size),
         split=data.get("split"),
         labels=num_classes > 0,
+        class_ids=data.get("class_ids") or "sorted",
     )
     out = cache_dir(config, workdir)
     os.makedirs(out, exist_ok=True)

@@ -123,7 +123,7 @@ def get_config() -> config_dict.ConfigDict:
     sample.num_videos = 8
     sample.batch_size = 8  # GLOBAL videos per batch (divisible by the data x fsdp mesh size)
     sample.seed = 0  # batch k uses fold_in(seed, k): any batch can be regenerated alone
-    sample.policy = "hold"  # hold (clean frames stay the input) / replace (official)
+    sample.policy = "hold"  # hold (clean frames stay the input) / replace (the paper's tau=0 form)
     sample.noise_multiplier = 0.0  # conditioning frames follow m * t (Pusa); 0 = clean
     sample.inputs = config_dict.placeholder(str)  # image/video paths, comma-separated; None = data clips
     sample.frame_indices = config_dict.placeholder(str)  # any_frame / interpolate keyframes, "0,7,15"

@@ -126,9 +126,10 @@ class Conditioning:
     after every step, so the output equals the input bit-for-bit. The model is shown the frame at
     its schedule tau: `values` itself where tau <= 0, and q_sample(values, tau, fresh noise) where
     tau > 0 (Pusa's noise multiplier: the task gives the frame tau = m * t).
-    'replace' (the official FVDM sampler): the frame starts as `values` (noised to its first tau
-    when that is > 0) and then follows its schedule like any other frame; at tau 0 / tau_next -1
-    each step sets it to the model's x_0 prediction, so the output is that prediction.
+    'replace' (the paper's tau = 0 form, as the official long-video loop): the frame starts as
+    `values` (noised to its first tau when that is > 0) and then follows its schedule like any
+    other frame; at tau 0 / tau_next -1 each step sets it to the model's x_0 prediction, so the
+    output is that prediction. (The released i2v scripts do neither: docs/sampling.md.)
     """
 
     mask: jnp.ndarray

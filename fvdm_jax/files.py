@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,8 +22,20 @@ import numpy as np
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """`with atomic_path(p) as tmp: write(tmp)` -> p appears complete, or not at all. The
-    temporary name keeps p's extension (writers such as np.savez and PIL choose by it)."""
+    temporary name keeps p's extension (writers such as np.savez and PIL choose by it). For a
+    URL p, tmp is a local staging file, uploaded in one write when the block finished and
+    removed in any case (an object store shows an object only once its upload is complete)."""
     root, ext = os.path.splitext(path)
+    if is_url(path):
+        staging = tempfile.mkdtemp(prefix="fvdm_upload_")
+        try:
+            temporary = os.path.join(staging, f"staged{ext}")
+            yield temporary
+            with open(temporary, "rb") as source, open_file(path, "wb") as target:
+                shutil.copyfileobj(source, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return
     temporary = f"{root}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}{ext}"
     try:
         yield temporary
@@ -67,15 +80,12 @@ def savez(path: str, **arrays) -> str:
 
 
 def progress(total: int, desc: str, *, unit: str = "video", leave: bool = False):
-    """A tqdm bar shown on process 0 only; None where tqdm is not installed. Use with
-    `bar.update(n)` / `bar.close()` (both guarded by `if bar is not None`)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    import jax
+    """Progress on process 0: a tqdm bar on a terminal, plain periodic lines in logs (no TTY,
+    CI, SLURM), as console.progress says; None on other processes or with console.progress=off.
+    Use with `bar.update(n)` / `bar.close()` (both guarded by `if bar is not None`)."""
+    from fvdm_jax import console
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=jax.process_index() != 0, leave=leave)
+    return console.bar(total, desc, unit=unit, leave=leave)
 
 
 # ---------------------------------------------------------------------------------------------

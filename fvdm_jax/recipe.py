@@ -20,9 +20,11 @@ RECIPE_SECTIONS = ("model", "diffusion", "ptss", "data", "train")
 # Keys of the recipe sections that do not change what is trained: free to change on resume.
 OPERATIONAL_KEYS = {
     "model": {"dtype", "attention", "remat"},  # compute precision and kernels, not the weights
-    "data": {"num_workers", "device_prefetch", "path", "cache_path"},  # how / where it is read
+    "data": {"num_workers", "device_prefetch", "path", "cache_path", "tfds_data_dir"},  # how / where it is read
     "train": {"num_steps", "log_every_steps", "peak_flops_per_device", "donate_state",
-              "grad_accum_steps", "allow_recipe_change"},  # accumulation keeps the maths
+              "grad_accum_steps", "allow_recipe_change",  # accumulation keeps the maths
+              # where the first state came from: a resume ignores them
+              "init_from", "init_strict", "init_step_from_checkpoint"},
 }
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fvdm_jax import console
 from fvdm_jax import sharding as shd
 from fvdm_jax.checkpoint import TrainCheckpointer
 from fvdm_jax.config_schema import validate
@@ -267,7 +268,7 @@ def train(
     `step_hook(step)` is called on the host after each dispatched step (tests use it).
     """
     from fvdm_jax.data.pipeline import host_batches, make_source
-    from fvdm_jax.metrics import MetricsLogger
+    from fvdm_jax.metrics import MetricsLogger, write_plots
 
     setup = build_setup(config, devices)
     train_cfg = config.train
@@ -280,13 +281,23 @@ def train(
         setup.abstract_state,
         check_config=lambda saved, step: check_resume(saved, config, step, ckpt.directory))
     latest = None if resumed is None else resumed[0]
-    if resumed is None:
+    init_from = train_cfg.get("init_from")
+    if resumed is None and init_from:
+        # Fine-tuning: pretrained weights, a fresh optimizer, EMA = the weights (init_weights.py).
+        from fvdm_jax.init_weights import state_from_pretrained
+
+        state, _ = state_from_pretrained(setup, config)
+        start = int(jax.device_get(state.step))
+    elif resumed is None:
         state = create_state(setup, int(train_cfg.seed))
         start = 0
     else:
         latest, state, saved_config = resumed
         start = int(jax.device_get(state.step))
         logging.info("resumed from %s at step %d", ckpt.directory, start)
+        if init_from:
+            logging.info("train.init_from=%s ignored: %s already has checkpoints (resumed at step %d)",
+                         init_from, ckpt.directory, start)
 
     data_iter = host_batches(
         source,
@@ -320,7 +331,7 @@ def train(
         mesh=setup.mesh,
         rules=setup.rules,
     )
-    logger = MetricsLogger(workdir, num_steps, int(train_cfg.log_every_steps), start_step=start)
+    logger = MetricsLogger(workdir, start_step=start)
     actions = list(actions(setup.mesh, source) if callable(actions) else actions)
     batches = DevicePrefetcher(
         data_iter, setup.mesh, setup.rules, int(config.data.get("device_prefetch", 0))
@@ -329,22 +340,15 @@ def train(
     flops_per_video = _train_flops_per_video(config)
     peak = _peak_flops(train_cfg)
     num_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(setup.abstract_state.params))
-    logging.info(
-        "model: %d trainable parameters; %.4g TFLOP per training step (%d videos, analytic); "
-        "mesh %s; steps %d -> %d",
-        num_params,
-        (flops_per_video or 0.0) * batch_size / 1e12,
-        batch_size,
-        dict(setup.mesh.shape),
-        start,
-        num_steps,
-    )
+    console.banner("fvdm_jax train", console.training_rows(
+        config, model=setup.model, num_params=num_params, flops_per_step=(flops_per_video or 0.0) * batch_size,
+        mesh=setup.mesh, source=source, workdir=workdir, start=start, resumed=latest is not None))
     last_saved = latest
     pending = []
     first_step_sec = None
     stop = False
     done = start
-    with _Preemption() as preemption:
+    with _Preemption() as preemption, console.TrainProgress(num_steps, start) as progress:
         for step in range(start, num_steps):
             batch = next(batches)
             if step == start:
@@ -358,7 +362,7 @@ def train(
                 logger.rates(step + 1)
             pending.append(metrics)
             done = step + 1
-            logger.tick(done)
+            progress.update(done)
             if step_hook is not None:
                 step_hook(done)
             stop = preemption.requested or (
@@ -379,17 +383,22 @@ def train(
                         achieved = scalars["videos_per_sec"] * flops_per_video
                         scalars["mfu"] = achieved / (peak * setup.mesh.size)
                 logger.write(done, scalars)
+                progress.log(done, scalars)
             for action in actions:
                 if action.due(done):
                     result = action.fn(done, state.ema_params)
                     if action.kind == "images":
                         logger.write_images(done, result)
+                        progress.note(done, action.name, ", ".join(sorted(result)))
                     else:
                         logger.write(done, result)
+                        progress.note(done, action.name, ", ".join(
+                            f"{k} {float(v):.5g}" for k, v in sorted(result.items())))
             if done % ckpt.every_steps == 0 or final:
                 _check_finite(state, last_saved)
                 if ckpt.save(done, state, batches, record, force=final):
                     last_saved = done
+                    write_plots(workdir)  # plots/loss.png (and fvd.png) as of this checkpoint
             if stop:
                 logging.warning("stopped at step %d (%s); checkpoint saved", done,
                                 signal.Signals(preemption.signum).name if preemption.signum
@@ -399,7 +408,6 @@ def train(
     ckpt.wait_until_finished()
     ckpt.close()
     logger.close()
-    logging.info("train step compiled %d time(s)", step_fn.traces)
     exit_code = 0
     if stop:
         exit_code = EXIT_SIGINT if preemption.signum == signal.SIGINT else EXIT_SIGTERM

@@ -1,14 +1,16 @@
 """The train state, the optimizer, and the pure jitted FVDM train step (knows nothing of files).
 
-train_step(state, batch) -> (state, metrics): PTSS frame timesteps, noise, label dropout, the
-hybrid loss, gradients (optionally accumulated over micro-batches), global-norm clipping from a
-configured step (the official behaviour), AdamW, EMA, and an on-device record of the first step
-whose loss or gradient was not finite.
+train_step(state, batch) -> (state, metrics): frame timesteps (the ptss.scheme registry of
+fvdm_jax/diffusion/schemes.py), noise, label dropout, the hybrid loss, gradients (optionally
+accumulated over micro-batches), global-norm clipping from a configured step (the official
+behaviour), AdamW, EMA, and an on-device record of the first step whose loss or gradient was
+not finite.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,8 +22,9 @@ import optax
 
 from fvdm_jax import sharding as shd
 from fvdm_jax.diffusion.losses import training_losses
-from fvdm_jax.diffusion.ptss import PTSS_MODES, sample_frame_timesteps
+from fvdm_jax.diffusion.ptss import PTSS_MODES
 from fvdm_jax.diffusion.schedule import Schedule
+from fvdm_jax.diffusion.schemes import SCHEMES, draw_frame_timesteps
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.models.dit import DiT, drop_labels
 
@@ -60,6 +63,8 @@ def validate_train_config(train: Mapping[str, Any], ptss: Mapping[str, Any]):
             raise ConfigError(f"train.{key}={train[key]} must lie in [0, 1)")
     if not float(train["eps"]) > 0.0:
         raise ConfigError(f"train.eps={train['eps']} must be > 0")
+    if ptss.get("scheme", "ptss") not in SCHEMES:
+        raise ConfigError(f"ptss.scheme={ptss['scheme']!r} is not one of {tuple(SCHEMES)}")
     if ptss["mode"] not in PTSS_MODES:
         raise ConfigError(f"ptss.mode={ptss['mode']!r} is not one of {PTSS_MODES}")
     if not 0.0 <= float(ptss["p"]) <= 1.0:
@@ -145,13 +150,16 @@ def train_step(
     optimizer: optax.GradientTransformation,
     train: Mapping[str, Any],
     ptss: Mapping[str, Any],
+    coin_groups: int = 1,
 ):
-    """One optimizer step on a global batch {'video': (B, F, H, W, C), 'label': (B,)}."""
+    """One optimizer step on a global batch {'video': (B, F, H, W, C), 'label': (B,)}.
+    coin_groups: the number of data shards the batch is split into (ptss.mode=per_device flips
+    one coin per shard; `data_shards` derives it from the batch sharding)."""
     rng = jax.random.fold_in(jax.random.key(int(train["seed"])), state.step)
     key_t, key_noise, key_label = jax.random.split(rng, 3)
     video = batch["video"].astype(jnp.float32)
     b, f = video.shape[:2]
-    tau = sample_frame_timesteps(key_t, b, f, schedule.num_timesteps, ptss["p"], ptss["mode"])
+    tau = draw_frame_timesteps(key_t, b, f, schedule.num_timesteps, ptss, coin_groups)
     noise = jax.random.normal(key_noise, video.shape, jnp.float32)
     labels = None
     if model.num_classes > 0:
@@ -214,6 +222,17 @@ def train_step(
     return new_state, metrics
 
 
+def data_shards(batch_shardings) -> int:
+    """How many slices the batch axis of the batch sharding cuts the global batch into (the data
+    x fsdp size by default; devices along other axes hold the same slice); 1 without a mesh."""
+    leaves = jax.tree_util.tree_leaves(batch_shardings)
+    sharding = next((s for s in leaves if isinstance(s, jax.sharding.NamedSharding)), None)
+    if sharding is None or not len(sharding.spec) or sharding.spec[0] is None:
+        return 1
+    axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+    return math.prod(int(sharding.mesh.shape[a]) for a in axes)
+
+
 def _mesh_of(shardings):
     for leaf in jax.tree_util.tree_leaves(shardings):
         if isinstance(leaf, jax.sharding.NamedSharding):
@@ -228,6 +247,8 @@ class JittedTrainStep:
     model's logical activation constraints take effect. `mesh` defaults to the mesh of the
     shardings and `rules` to `shd.DEFAULT_RULES`; pass `rules=setup.rules` for custom
     config.mesh.rules. Without a mesh (no NamedShardings given) the constraints stay no-ops.
+    `coin_groups` (ptss.mode=per_device: one coin per data shard) defaults to `data_shards` of
+    the batch shardings.
     """
 
     def __init__(
@@ -242,8 +263,10 @@ class JittedTrainStep:
         *,
         mesh=None,
         rules=None,
+        coin_groups=None,
     ):
         self.traces = 0
+        self.coin_groups = int(coin_groups) if coin_groups is not None else data_shards(batch_shardings)
         self.mesh = mesh if mesh is not None else _mesh_of((batch_shardings, state_shardings))
         self.rules = tuple(rules) if rules is not None else shd.DEFAULT_RULES
 
@@ -257,6 +280,7 @@ class JittedTrainStep:
                 optimizer=optimizer,
                 train=train,
                 ptss=ptss,
+                coin_groups=self.coin_groups,
             )
 
         self._jitted = jax.jit(

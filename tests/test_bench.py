@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 # Shared by the subprocesses of this session: programs compiled by one script (the train-state
 # init, a train step with the same switches, matmuls) are cache hits in the next.
@@ -121,7 +123,7 @@ def test_train_ab_smoke_alternates_variants():
     base, variant = lines
     assert base["step_time_vs_base"] == 1.0 and variant["step_time_vs_base"] > 0
     assert base["donate_state"] is True and variant["donate_state"] is False
-    assert (base["model"]["remat"], variant["model"]["remat"]) == ("none", "dots")
+    assert (base["model"]["remat"], variant["model"]["remat"]) == ("auto", "dots")
     assert base["model"]["scan_layers"] is True and variant["model"]["scan_layers"] is False
     assert base["memory_plan"]["alias_bytes"] > 0 == variant["memory_plan"]["alias_bytes"]
     assert len(variant["step_times_s"]) == 1 and variant["compile_s"] > 0
@@ -161,3 +163,33 @@ def test_flops_table_reports_the_per_frame_adaln_saving():
     assert f"{xl['train_flops_per_video'] / 1e12:.3g}" == "11.2"
     assert round(xl["per_frame_adaln_saving_flops"] / 1e12, 3) == 0.910
     assert round(xl["per_frame_adaln_saving_percent_of_forward"], 1) == 24.4
+
+
+@pytest.mark.slow  # seven bench subprocesses: 1-3 minutes on 2 cores
+def test_device_suite_tiny_runs_every_stage_and_writes_the_table(tmp_path):
+    (summary,) = [line for line in run_bench("device_suite.py", "--tiny", f"--out={tmp_path}")
+                  if line.get("bench") == "device_suite"]
+    assert summary["ok"] == summary["stages"] == 7
+    report = json.loads((tmp_path / "device_suite.json").read_text())
+    benches = {r["bench"] for r in report["records"]}
+    assert benches == {"matmul_peak", "train_throughput", "train_ab", "sample_latency",
+                       "encode_throughput"}
+    assert all(s["status"] == "ok" for s in report["stages"])
+    table = (tmp_path / "device_suite.md").read_text()
+    assert "| train A/B XL |" in table and "videos/s" in table and "frames/s" in table
+    # One row per measured record (matmul: the best size per dtype only) plus the stage list.
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) == 2 + 3 + 2 + 1 + 1
+
+
+def test_profile_step_attributes_the_traced_step_by_kind_of_work():
+    (line,) = run_bench("profile_step.py", "--config=configs/tiny.py", "--mesh=1,1,1",
+                        "--profile_steps=1", "--top=5")
+    assert line["bench"] == "profile_step" and line["step_wall_s"] > 0
+    share = line["share"]
+    assert abs(sum(share.values()) - 1) < 1e-3
+    # A train step multiplies matrices, runs an optimizer and draws PTSS timesteps and noise.
+    assert share["matmul"] > 0 and share["optimizer"] > 0 and share["rng"] > 0
+    # Nearly every executed operation was found in the compiled HLO.
+    assert line["unmatched_op_seconds_per_step"] <= 0.2 * line["op_seconds_per_step"]
+    assert len(line["top"]) == 5 and all(row["kind"] in share for row in line["top"])

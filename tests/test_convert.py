@@ -14,8 +14,11 @@ from fvdm_jax.checkpoint import load_inference_checkpoint, save_inference_checkp
 from fvdm_jax.convert.__main__ import convert_official, read_checkpoint
 from fvdm_jax.convert.official import (
     ConversionError,
+    convert_as_saved,
     convert_state_dict,
     infer_model_config,
+    step_from_file_name,
+    strip_key,
     to_official_state_dict,
     unwrap_state_dict,
 )
@@ -170,3 +173,57 @@ def test_safetensors_checkpoint_needs_no_extra_package(tmp_path):
     convert_official(str(path), str(tmp_path / "out"), num_heads=4)
     loaded, _ = load_inference_checkpoint(str(tmp_path / "out"))
     assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded), params)
+
+
+def test_compile_and_ddp_prefixes_are_stripped_as_the_official_sampler_does():
+    model = DiT(**TINY)
+    params = random_params(model, seed=5)
+    sd = to_official_state_dict(params, model)
+    for prefix in ("_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        wrapped = {"ema": {prefix + k: v for k, v in sd.items()}}
+        unwrapped = unwrap_state_dict(wrapped)
+        assert set(unwrapped) == set(sd)
+        assert_trees_equal(convert_state_dict(unwrapped, model), params)
+    assert strip_key("blocks_temp.0._orig_mod.attn.qkv.weight") == "attn.qkv.weight"  # the official split
+    with pytest.raises(ConversionError, match=r"'pos_embed' and '_orig_mod.pos_embed' both name 'pos_embed'"):
+        unwrap_state_dict({**sd, "_orig_mod.pos_embed": sd["pos_embed"]})
+
+
+def test_unknown_and_missing_keys_are_one_line_listing_them(tmp_path):
+    from fvdm_jax.convert.diffusers_vae import write_safetensors
+    from fvdm_jax.errors import ConfigError
+
+    model = DiT(**TINY)
+    sd = to_official_state_dict(random_params(model, seed=6), model)
+    extra = {f"extra_head.{i}.weight": np.zeros(2, np.float32) for i in range(14)}
+    with pytest.raises(ConversionError) as error:
+        convert_state_dict({**sd, **extra}, model)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("14 checkpoint tensors have no place in the model")
+    assert "extra_head.0.weight, extra_head.1.weight" in message and "and 2 more" in message
+    incomplete = {k: v for k, v in sd.items() if k not in ("blocks_temp.1.mlp.fc2.bias", "t_embedder.mlp.0.weight")}
+    with pytest.raises(ConversionError, match=r"lacks 2 tensors the model needs: blocks_temp.1.mlp.fc2.bias, "
+                                              r"t_embedder.mlp.0.weight;") as error:
+        convert_state_dict(incomplete, model)
+    assert isinstance(error.value, ConfigError)  # what `python -m fvdm_jax.main` prints in one line
+    path = tmp_path / "extra.safetensors"
+    write_safetensors(str(path), {**sd, "lora.up.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(ConversionError, match=r"1 checkpoint tensors have no place in the model: lora.up.weight;"):
+        convert_official(str(path), str(tmp_path / "out"), num_heads=4)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConversionError, match=r"unknown checkpoint type '.txt'"):
+        (tmp_path / "w.txt").write_text("x")
+        read_checkpoint(str(tmp_path / "w.txt"))
+
+
+def test_convert_as_saved_keeps_what_fits_and_names_the_rest():
+    hidden, depth = 384, 12  # S: its head count comes from the named size
+    model = DiT(hidden_size=hidden, depth=depth, num_heads=6, input_size=8, num_frames=4, num_classes=2)
+    params = random_params(model, seed=7, labels=True)
+    sd = {**to_official_state_dict(params, model), "lora.up.weight": np.zeros(1, np.float32)}
+    converted, config, unplaced = convert_as_saved(sd)
+    assert unplaced == ["lora.up.weight"] and config["size"] == "S" and config["num_classes"] == 2
+    assert config["num_frames"] == 4 and config["input_size"] == 8
+    assert_trees_equal(converted, params)
+    assert step_from_file_name("/runs/x/checkpoints/0250000.pt") == 250000
+    assert step_from_file_name("ffs_xl.pt") is None

@@ -247,3 +247,61 @@ def test_v_prediction_is_an_exact_reparameterization(schedule):
     from_eps, _ = ddim_step(schedule, np.concatenate([noise, var], -1).astype(np.float32),
                             x_t, t, t_next)
     _close(from_v, from_eps, tol=1e-4)
+
+
+@pytest.mark.parametrize("v", [-1.0, 0.0, 1.0, 2.0])
+def test_ddpm_jump_from_the_top_to_clean_is_finite(schedule, v):
+    """A frame stepping from tau = T-1 straight to clean (tau_next = -1) next to ordinary,
+    clean-ending, waiting and finished frames: every output is finite for any variance value v,
+    the jumping frame lands on its x_0 prediction, and every other frame is what it is alone."""
+    abar = schedule.alphas_cumprod
+    tau = np.array([[999, 999, 500, 0], [300, 999, 0, 999]])
+    tau_next = np.array([[-1, -1, 400, -1], [300, 999, 0, 0]])  # 300, 999, 0: not moving
+    x, eps, noise = _rand(40), _rand(41), _rand(42)
+    out = np.concatenate([eps, np.full(SHAPE, v)], -1).astype(np.float32)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    got = p_mean_variance(schedule, out, f32(x), tau, tau_next)
+    for key in ("mean", "variance", "log_variance", "pred_xstart"):
+        assert np.isfinite(np.asarray(got[key])).all(), key
+    step, x0 = ddpm_step(schedule, out, f32(x), tau, tau_next, f32(noise))
+    step = np.asarray(step)
+    assert np.isfinite(step).all()
+
+    # The jump: the posterior mean at alpha_bar_next = 1 is the x_0 prediction, and no noise.
+    want_x0 = x / np.sqrt(abar[999]) - np.sqrt(1 / abar[999] - 1) * eps
+    _close(step[0, :2], want_x0[0, :2], tol=1e-5)
+    np.testing.assert_array_equal(step[0, :2], np.asarray(x0)[0, :2])
+    # Its learned range runs from the last step's posterior variance (v = -1; there is no step
+    # T -> T-1 to clip to) to its beta, 1 - alpha_bar_{T-1} (v = +1).
+    last_post = (1 - abar[999] / abar[998]) * (1 - abar[998]) / (1 - abar[999])
+    frac = (v + 1) / 2
+    want_logvar = frac * np.log(1 - abar[999]) + (1 - frac) * np.log(last_post)
+    np.testing.assert_allclose(np.asarray(got["log_variance"])[0, :2], want_logvar, rtol=1e-5,
+                               atol=1e-7)
+
+    # Frames that do not move are returned exactly; the others equal their own one-frame steps.
+    for b, f in ((1, 0), (1, 1), (1, 2)):
+        np.testing.assert_array_equal(step[b, f], np.asarray(f32(x))[b, f])
+    for b, f in ((0, 2), (0, 3), (1, 3)):
+        alone, _ = ddpm_step(schedule, out[b:b + 1, f:f + 1], f32(x[b:b + 1, f:f + 1]),
+                             tau[b:b + 1, f:f + 1], tau_next[b:b + 1, f:f + 1],
+                             f32(noise[b:b + 1, f:f + 1]))
+        np.testing.assert_allclose(step[b, f], np.asarray(alone)[0, 0], rtol=1e-6, atol=1e-6)
+
+
+def test_ddpm_loop_with_a_jump_to_clean_and_an_overflowing_variance_is_finite(schedule):
+    """The same corner inside the scan sampler, with a variance output far outside [-1, 1]
+    (v = 60: exp of the extrapolated log variance overflows float32) on a frame that ends clean."""
+    from fvdm_jax.diffusion import sample
+
+    def model_fn(x, tau):  # an analytic eps and a fixed variance value
+        return jnp.concatenate([0.5 * x, jnp.full_like(x, 60.0)], axis=-1)
+
+    taus = np.array([[[999, 999, 999, 999]] * 2, [[0, 500, 500, 500]] * 2], np.float32)
+    nexts = np.array([[[-1, 500, 500, 500]] * 2, [[0, -1, -1, -1]] * 2], np.float32)
+    x_T = jax.random.normal(jax.random.key(0), SHAPE)
+    out = sample(model_fn, schedule, x_T, taus, nexts, sampler="ddpm", rng=jax.random.key(1))
+    assert np.isfinite(np.asarray(out)).all()
+    abar = schedule.alphas_cumprod[999]
+    want = (np.asarray(x_T) / np.sqrt(abar) - np.sqrt(1 / abar - 1) * 0.5 * np.asarray(x_T))
+    _close(np.asarray(out)[:, 0], want[:, 0], tol=1e-5)  # the jump, then resting at tau 0

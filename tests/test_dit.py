@@ -56,9 +56,10 @@ def test_scan_and_unrolled_share_params_and_outputs(tiny):
     np.testing.assert_allclose(apply(unrolled, params, x, t), apply(model, params, x, t), atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "dots", "auto"])
 def test_remat_changes_nothing_numerically(tiny, policy):
-    model, params, x, t = tiny
+    _, params, x, t = tiny
+    model = DiT(**TINY, remat="none")
     remat = DiT(**TINY, remat=policy)
 
     def loss(m, p):
@@ -68,6 +69,22 @@ def test_remat_changes_nothing_numerically(tiny, policy):
     g = jax.jit(jax.grad(lambda p: loss(remat, p)))(params)
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_remat_is_dots_on_cpu_and_none_on_accelerators():
+    from fvdm_jax.models.dit import resolve_remat
+
+    assert resolve_remat("auto", "cpu") == "dots"
+    assert resolve_remat("auto", "gpu") == resolve_remat("auto", "tpu") == "none"
+    assert resolve_remat("full", "gpu") == "full"  # an explicit choice is kept everywhere
+    # The resolved policy is what runs: the CPU backward recomputes (remat'd jaxpr) under auto.
+    model = DiT(**TINY)
+    x = jnp.zeros((1, TINY["num_frames"], TINY["input_size"], TINY["input_size"],
+                   TINY["in_channels"]))
+    t = jnp.zeros((1, TINY["num_frames"]), jnp.int32)
+    params = model.init(jax.random.key(0), x, t)
+    text = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply(p, x, t))))(params))
+    assert "remat" in text or "checkpoint" in text
 
 
 def test_frame_timesteps_act_per_frame(tiny):
@@ -83,20 +100,37 @@ def test_frame_timesteps_act_per_frame(tiny):
     np.testing.assert_allclose(apply(model, params, x, t.astype(jnp.float32)), base, atol=1e-6)
 
 
-def test_per_frame_modulation_equals_official_per_token_form(tiny):
-    """The temporal block's adaLN computed once per frame equals the official per-token Dense."""
-    model, params, x, t = tiny
-    from fvdm_jax.models.layers import AdaLNModulation
+def test_each_frame_is_modulated_by_its_own_timestep_only():
+    """Frame i's output sees tau_i only through frame i's adaLN modulation, in every block and in
+    the final layer; other frames' timesteps reach it only through temporal attention.
 
-    p = params["params"]["blocks"]["temporal"]["adaLN"]
-    p0 = jax.tree_util.tree_map(lambda a: a[0], p)
-    c = jax.random.normal(jax.random.key(3), (2, 4, 32))  # (B, F, D)
-    mod = AdaLNModulation(32, 6)
-    per_frame = mod.apply({"params": p0}, c[:, None])  # (B, 1, F, D), broadcast later
-    tokens = 16
-    per_token = mod.apply({"params": p0}, jnp.broadcast_to(c[:, None], (2, tokens, 4, 32)))
-    for a, b in zip(per_frame, per_token):
-        np.testing.assert_allclose(jnp.broadcast_to(a, b.shape), b, atol=1e-6)
+    With the temporal blocks' attention output zeroed, frames cannot exchange anything, so frame i
+    of the model at per-frame tau must equal frame i of the same model with every frame at tau_i
+    (the scalar-timestep Latte model). A modulation taken from another frame, from a pooled
+    timestep or broadcast over the wrong axis fails this. Here a frame has as many tokens as the
+    video has frames (2x2 patches, 4 frames), so a wrong-axis broadcast raises no shape error."""
+    config = dict(TINY, input_size=4)
+    model = DiT(**config)
+    assert model.tokens_per_frame == model.num_frames
+    x = jax.random.normal(jax.random.key(4), (2, 4, 4, 4, 4))
+    tau = jnp.array([[0, 250, 999, 40], [600, 600, 3, 999]])
+    params = randomize(nn.unbox(init(model, x, tau)), seed=5)
+    proj = params["params"]["blocks"]["temporal"]["attn"]["proj"]
+    cut = jax.tree_util.tree_map(lambda a: a, params)
+    cut["params"]["blocks"]["temporal"]["attn"]["proj"] = jax.tree_util.tree_map(np.zeros_like, proj)
+
+    out = apply(model, cut, x, tau)
+    for i in range(4):
+        alike = apply(model, cut, x, jnp.broadcast_to(tau[:, i : i + 1], tau.shape))
+        np.testing.assert_allclose(out[:, i], alike[:, i], atol=1e-6, err_msg=f"frame {i}")
+    # Moving one frame's timestep moves that frame (the test is not vacuous) and, through temporal
+    # attention only, the others: cut, they stay put; intact, they move.
+    moved_tau = tau.at[:, 2].set(500)
+    moved = apply(model, cut, x, moved_tau)
+    assert np.abs(moved[:, 2] - out[:, 2]).max() > 1e-2
+    np.testing.assert_allclose(np.delete(moved, 2, axis=1), np.delete(out, 2, axis=1), atol=1e-6)
+    full, full_moved = apply(model, params, x, tau), apply(model, params, x, moved_tau)
+    assert np.abs(np.delete(full_moved - full, 2, axis=1)).max(axis=(0, 2, 3, 4)).min() > 1e-3
 
 
 def test_bfloat16_compute_runs_close_to_float32(tiny):
@@ -153,6 +187,18 @@ def test_clear_errors_for_labels_and_architecture():
         jax.eval_shape(DiT(**{**TINY, "num_heads": 5}).init, jax.random.key(0), x, t)
     with pytest.raises(ValueError, match="model.depth"):
         jax.eval_shape(DiT(**{**TINY, "depth": 3}).init, jax.random.key(0), x, t)
+
+
+def test_dtype_asserts_name_the_input_and_the_fix():
+    """uint8 frames or float labels fail while tracing (static dtypes), with chex's message."""
+    x, t, y = jnp.zeros((2, 4, 8, 8, 4)), jnp.zeros((2, 4)), jnp.zeros(2, jnp.int32)
+    conditional = DiT(**TINY, num_classes=3)
+    with pytest.raises(AssertionError, match=r"uint8 but expected.*value / 127\.5 - 1"):
+        jax.eval_shape(conditional.init, jax.random.key(0), x.astype(jnp.uint8), t, y)
+    with pytest.raises(AssertionError, match=r"float32 but expected.*\[0, 3\] \(3: the null class\)"):
+        jax.eval_shape(conditional.init, jax.random.key(0), x, t, y.astype(jnp.float32))
+    for dtype in (jnp.float32, jnp.bfloat16):  # any float x, int or float timesteps pass
+        jax.eval_shape(conditional.init, jax.random.key(0), x.astype(dtype), t.astype(jnp.int32), y)
 
 
 def test_model_from_config_sizes_and_errors():

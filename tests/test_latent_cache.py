@@ -106,6 +106,7 @@ def test_cache_holds_every_frame_and_its_mirror(encoded):
     assert meta["num_records"] == 3 and meta["flips"] and meta["dataset"] == "ffs"
     assert len(latents.shard_paths(out)) == 2  # 3 videos, 2 per shard
     assert encoder.frames == 2 * sum(FRAME_COUNTS)  # every frame and its mirror image
+    assert encoder.encoder.traces == 1  # videos of any length: padded batches, one compilation
     source = LatentCacheSource(out, num_frames=4, frame_interval=2, seed=0)
     counts = sorted(source.record(i)["mean"].shape[0] for i in range(3))
     assert counts == sorted(FRAME_COUNTS)

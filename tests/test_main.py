@@ -69,7 +69,8 @@ def test_train_then_export_from_the_command_line(tmp_path):
 
 
 def test_sigterm_exits_143_after_saving_and_a_rerun_resumes(tmp_path):
-    """What a requeue wrapper sees: 143 (not 0) with a checkpoint; the rerun resumes from it."""
+    """What a requeue wrapper sees: 143 (not 0) with a checkpoint of the step the run had reached
+    (not of a periodic save: those are 100000 steps apart); the rerun trains on from that step."""
     import signal
     import time
 
@@ -87,9 +88,17 @@ def test_sigterm_exits_143_after_saving_and_a_rerun_resumes(tmp_path):
     assert code == 143, err[-3000:]
     saved = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
     assert len(saved) == 1 and saved[0] >= 1, saved
+    # The checkpoint is the last step trained and logged, saved because of the signal.
+    assert losses(workdir)[-1]["step"] == saved[0], losses(workdir)[-1]
+    assert "SIGTERM received" in err and f"stopped at step {saved[0]} (SIGTERM)" in err, err[-3000:]
     code, _, err = finish(run_main(*args[:2], f"--config.train.num_steps={saved[0] + 1}", devices=1))
     assert code == 0, err[-3000:]
     assert "resumed from" in err and f"at step {saved[0]}" in err, err[-3000:]
+    # The rerun trained exactly one step, the next one: every step is logged once, and the first
+    # step of each process (the one that carries first_step_sec) is 1, then saved + 1.
+    records = losses(workdir)
+    assert [r["step"] for r in records] == list(range(1, saved[0] + 2)), records
+    assert [r["step"] for r in records if "first_step_sec" in r] == [1, saved[0] + 1], records
 
 
 @pytest.mark.parametrize(
@@ -110,6 +119,53 @@ def test_missing_config_file_fails_with_one_line(tmp_path):
     code, _, err = finish(run_main("--config=configs/no_such.py", f"--workdir={tmp_path}"))
     lines = [line for line in err.strip().splitlines() if line]
     assert code == 2 and len(lines) == 1 and "no such file" in lines[0], err
+    assert "configs/demo.py" in lines[0] and "tiny.py" in lines[0]  # the fix: files that exist
+
+
+def test_help_teaches_the_modes_and_points_at_the_schema():
+    code, out, err = finish(run_main("--help"))
+    assert code == 0 and not err.strip(), err
+    lines = out.splitlines()
+    for mode in ("train", "sample", "eval", "encode", "export"):  # one line each
+        assert len([line for line in lines if line.startswith(f"  {mode}  ")]) == 1, out
+    assert "configs/default.py" in out and "--config.section.key=value" in out
+    for flag in ("--config", "--workdir", "--mode (default: train)", "--log_level", "--verbosity"):
+        assert f"  {flag}" in out, flag
+    assert "tensorboard --logdir" in out and len(lines) < 80  # not absl's page of every flag
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "--config is required, e.g. python -m fvdm_jax.main --config=configs/demo.py"),
+    ((f"--config={TINY}",), "--workdir is required"),
+    ((f"--config={TINY}", "--workdir=/tmp/x", "train"), "unexpected arguments train: flags take the form"),
+])
+def test_missing_flags_fail_with_one_line(args, message):
+    code, _, err = finish(run_main(*args))
+    lines = [line for line in err.strip().splitlines() if line]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+def test_a_workdir_that_is_a_file_fails_with_one_line(tmp_path):
+    path = tmp_path / "run"
+    path.write_text("")
+    code, _, err = finish(run_main(f"--config={TINY}", f"--workdir={path}"))
+    lines = [line for line in err.strip().splitlines() if line]
+    assert code == 1 and len(lines) == 1 and f"--workdir={path} is a file; give a directory" in lines[0], err
+
+
+@pytest.mark.parametrize("mode, fix", [
+    ("export", "train first: python -m fvdm_jax.main --config="),
+    ("sample", "--config.sample.checkpoint=DIR"),
+    ("eval", "--config.eval.generated=PATH/samples.npz"),
+])
+def test_modes_that_need_a_checkpoint_say_how_to_get_one(tmp_path, mode, fix):
+    workdir = tmp_path / "missing" / "run"
+    code, _, err = finish(run_main(f"--config={TINY}", f"--workdir={workdir}", f"--mode={mode}"))
+    lines = [line for line in err.strip().splitlines() if line]
+    assert code == 1 and len(lines) == 1, err
+    assert f"--mode={mode} needs a training checkpoint and {workdir}/checkpoints has none" in lines[0]
+    assert fix in lines[0] and f"--workdir={workdir}" in lines[0], lines[0]
+    assert not (tmp_path / "missing").exists()  # a reading mode creates nothing
 
 
 def test_bad_config_value_fails_with_one_line(tmp_path):

@@ -9,6 +9,7 @@ Tolerance for every tensor: max |ours - ref| <= 1e-4 * max(1, max |ref|).
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +45,18 @@ def assert_matches(name, ours, ref):
     tol = 1e-4 * max(1.0, float(np.max(np.abs(ref))))
     print(f"[equivalence] {name}: max abs err {err:.3e} (tol {tol:.1e}, max|ref| {np.max(np.abs(ref)):.3g})")
     assert err <= tol, f"{name}: max abs error {err:.3e} > {tol:.3e}"
+
+
+def assert_tree_matches(name, ours, ref):
+    """The same tolerance for every leaf of two trees of one structure (chex names a leaf that
+    differs): each leaf divided by its max(1, max |ref|), then max abs error <= 1e-4."""
+    scale = jax.tree.map(lambda r: max(1.0, float(np.max(np.abs(r)))), ref)
+    scaled = lambda tree: jax.tree.map(lambda a, s: np.asarray(a, np.float64) / s, tree, scale)
+    chex.assert_trees_all_equal_shapes(ours, ref)
+    for key in sorted(ref):
+        err = float(np.max(np.abs(np.asarray(ours[key], np.float64) - np.asarray(ref[key]))))
+        print(f"[equivalence] {name}/{key}: max abs err {err:.3e} (tol {1e-4 * scale[key]:.1e})")
+    chex.assert_trees_all_close(scaled(ours), scaled(ref), atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +143,11 @@ def test_training_loss_terms(ref, uncond, schedule, cfg):
         to_ours(ref["noise"]),
         learn_sigma=cfg["learn_sigma"],
     )
-    assert_matches("loss_mse", terms["mse"], ref["loss_mse"])
+    expected = {"mse": ref["loss_mse"], "loss": ref["loss"],
+                "pred_xstart": to_ours(ref["loss_pred_xstart"])}
     if cfg["learn_sigma"]:
-        assert_matches("loss_vb", terms["vb"], ref["loss_vb"])
-    assert_matches("loss", terms["loss"], ref["loss"])
-    assert_matches("loss_pred_xstart", terms["pred_xstart"], to_ours(ref["loss_pred_xstart"]))
+        expected["vb"] = ref["loss_vb"]
+    assert_tree_matches("loss", {key: terms[key] for key in expected}, expected)
 
 
 def test_p_mean_variance(ref, uncond, schedule, cfg):
@@ -143,9 +156,9 @@ def test_p_mean_variance(ref, uncond, schedule, cfg):
     out = p_mean_variance(
         schedule, apply(x_t, ref["t"]), x_t, ref["t"], learn_sigma=cfg["learn_sigma"]
     )
-    assert_matches("pmv_mean", out["mean"], to_ours(ref["pmv_mean"]))
-    assert_matches("pmv_log_variance", out["log_variance"], to_ours(ref["pmv_log_variance"]))
-    assert_matches("pmv_pred_xstart", out["pred_xstart"], to_ours(ref["pmv_pred_xstart"]))
+    keys = ("mean", "log_variance", "pred_xstart")
+    assert_tree_matches("pmv", {key: out[key] for key in keys},
+                        {key: to_ours(ref[f"pmv_{key}"]) for key in keys})
 
 
 def test_respaced_schedules(ref, schedule):
@@ -211,9 +224,6 @@ def test_frozen_tables_match_checkpoint(ref, cfg, uncond):
     from fvdm_jax.models.embeddings import sincos_1d, sincos_2d
 
     grid = cfg["input_size"] // cfg["patch_size"]
-    assert_matches("pos_embed", sincos_2d(cfg["hidden_size"], grid)[None], ref["uncond_sd/pos_embed"])
-    assert_matches(
-        "temp_embed",
-        sincos_1d(cfg["hidden_size"], np.arange(cfg["num_frames"]))[None],
-        ref["uncond_sd/temp_embed"],
-    )
+    ours = {"pos_embed": sincos_2d(cfg["hidden_size"], grid)[None],
+            "temp_embed": sincos_1d(cfg["hidden_size"], np.arange(cfg["num_frames"]))[None]}
+    assert_tree_matches("tables", ours, {key: ref[f"uncond_sd/{key}"] for key in ours})

@@ -85,14 +85,14 @@ def test_metrics_and_eval_records_land_in_the_bucket(bucket, monkeypatch):
     from fvdm_jax.jobs.evaluate import append_record, latest_checkpoint_step
     from fvdm_jax.metrics import MetricsLogger
 
-    logger = MetricsLogger("gs://b/run", num_steps=10, every_steps=1)
+    logger = MetricsLogger("gs://b/run")
     logger.write(1, {"loss": 0.5})
     logger.write(2, {"loss": 0.25})
     logger.close()
     rows = [json.loads(line) for line in open(bucket / "b" / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     # A restart at step 1 drops the row of step 2 (trained again), in the bucket too.
-    MetricsLogger("gs://b/run", num_steps=10, every_steps=1, start_step=1).close()
+    MetricsLogger("gs://b/run", start_step=1).close()
     assert len(open(bucket / "b" / "run" / "metrics.jsonl").readlines()) == 1
     append_record("gs://b/run", {"fvd": 1.0})
     append_record("gs://b/run", {"fvd": 2.0})
@@ -112,3 +112,73 @@ def test_checkpointer_paths_stay_in_the_bucket(bucket):
     files.write_json("gs://b/x/y.json", {"a": 1})
     assert json.load(open(bucket / "b" / "x" / "y.json")) == {"a": 1}
     assert files.listdir("gs://b") == ["export", "x"]
+
+
+def test_sample_job_writes_into_a_bucket_and_resumes_from_it(bucket, tmp_path, monkeypatch):
+    """--mode=sample with sample.output_dir=gs://...: batches, MP4 / GIF / PNG media,
+    samples.npz and sample.json land in the bucket, a rerun resumes from what is there, and no
+    local copy is left (none under the working directory, none in the upload staging folder)."""
+    import tempfile
+
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from fvdm_jax.checkpoint import save_inference_checkpoint
+    from fvdm_jax.config_utils import load_config
+    from fvdm_jax.jobs.sample import sample_job
+    from fvdm_jax.models.dit import model_from_config
+
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
+    model = model_from_config(config.model)
+    frames, size, channels = model.num_frames, model.input_size, model.in_channels
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                     np.zeros((1, frames, size, size, channels), np.float32),
+                                     np.zeros((1, frames), np.int32)))
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: 0.1 * rng.normal(size=s.shape).astype(np.float32), shapes)
+    checkpoint = str(tmp_path / "checkpoint")
+    save_inference_checkpoint(checkpoint, params, config.model.to_dict(), config.diffusion.to_dict())
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+
+    s = config.sample
+    s.checkpoint, s.output_dir = checkpoint, "gs://b/samples/generate"
+    s.task, s.num_videos, s.batch_size, s.num_steps, s.sheet_frame_size = "generate", 3, 2, 2, 1
+    config.mesh.shape = (1, 1, 1)
+    assert sample_job(config, str(tmp_path / "workdir")) == "gs://b/samples/generate/samples.npz"
+    out = bucket / "b" / "samples" / "generate"
+    names = sorted(os.listdir(out))
+    assert names == ["batches", "media", "sample.json", "samples.npz"], names
+    assert sorted(os.listdir(out / "batches")) == ["batch_00000.npz", "batch_00001.npz"]
+    assert sorted(os.listdir(out / "media")) == sorted(
+        ["batch_00000.png", "batch_00001.png"]
+        + [f"video_{i:05d}.{ext}" for i in range(3) for ext in ("mp4", "gif")])
+    with np.load(out / "samples.npz") as data:
+        videos = data["videos"]
+    assert videos.shape == (3, frames, size, size, 3) and videos.dtype == np.uint8
+    assert json.load(open(out / "sample.json"))["batches_sampled_now"] == 2
+    # Resume: a lost batch and the final file; the rerun reads the other batch from the bucket.
+    os.remove(out / "batches" / "batch_00001.npz")
+    os.remove(out / "samples.npz")
+    sample_job(config, str(tmp_path / "workdir"))
+    with np.load(out / "samples.npz") as data:
+        np.testing.assert_array_equal(data["videos"], videos)
+    assert json.load(open(out / "sample.json"))["batches_sampled_now"] == 1
+    assert os.listdir(staging) == [], "upload staging files were left behind"
+
+
+def test_verdict_sheets_land_in_the_bucket(bucket):
+    """The after-training verdict sheets of a bucket workdir are written there, not under a local
+    'gs:' folder (the fixture checks that nothing appears locally)."""
+    import numpy as np
+    from ml_collections import config_dict
+
+    from fvdm_jax.jobs import report
+
+    videos = np.random.default_rng(0).integers(0, 255, (2, 3, 8, 8, 3), dtype=np.uint8)
+    config = config_dict.ConfigDict({"sample": {"sheet_frame_size": 1}})
+    report._write_sheets("gs://b/run", {"generate": videos}, None, config)
+    sheet = bucket / "b" / "run" / report.VERDICT_DIR / "generate.png"
+    assert sheet.is_file() and sheet.stat().st_size > 100

@@ -180,6 +180,13 @@ def test_every_task(trained):
         sampler.run("i2v", rng, batch_size=2)
     with pytest.raises(ValueError, match="expected"):
         sampler.run("i2v", rng, inputs=clips[:, :, :16])
+    # Programmatic inputs: chex's shape / dtype asserts on the host, before anything compiles.
+    with pytest.raises(AssertionError, match=r"\(2, 8, 16, 32, 3\) but expected.*model space"):
+        sampler.run("i2v", rng, model_inputs=clips[:, :, :16])
+    with pytest.raises(AssertionError, match="one class id per video"):
+        sampler.run("generate", rng, batch_size=2, labels=np.zeros(3, np.int32))
+    with pytest.raises(AssertionError, match="integer class ids"):
+        sampler.run("generate", rng, batch_size=2, labels=np.full(2, 0.5, np.float32))
 
 
 def test_sample_cli_from_exported_checkpoint(trained, tmp_path):

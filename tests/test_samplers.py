@@ -4,6 +4,7 @@ DDIM-10 and image-to-video vectors; 'hold' conditioning is exact; one compilatio
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,39 +77,40 @@ def hold_cond(x0_values, multiplier_frames=(0,)):
 
 
 # --- an independent Python-loop reference, continuous steps written in score form, float64 ---
+# The continuous samplers run the VP-SDE whose -log alpha_bar is the discrete table, linear in
+# tau between grid points, with steps taken in lambda = -log alpha_bar.
+
+LOG_ABAR = np.concatenate([[0.0], np.log(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))])
 
 
 def _vp(tau):
-    s = np.maximum(np.asarray(tau, np.float64), 0.0) / 999.0
-    log_abar = -(0.1 * s + 0.5 * 19.9 * s**2)
-    shape = s.shape + (1, 1, 1)
-    mean, std = np.exp(0.5 * log_abar), np.sqrt(-np.expm1(log_abar))
-    return [v.reshape(shape) for v in (s, 0.1 + 19.9 * s, mean, std)]
+    tau = np.maximum(np.asarray(tau, np.float64), 0.0)
+    log_abar = np.interp(tau, np.arange(-1, 1000), LOG_ABAR).reshape(tau.shape + (1, 1, 1))
+    return log_abar, np.exp(0.5 * log_abar), np.sqrt(-np.expm1(log_abar))
 
 
 def _continuous_ref_step(kind, model, x, tau, nxt, out, noise, show):
     x = np.asarray(x, np.float64)
-    s, beta, mean, std = _vp(tau)
-    s_next, *_ = _vp(nxt)
+    log_abar, mean, std = _vp(tau)
+    log_abar_next, *_ = _vp(nxt)
     eps = np.asarray(out, np.float64)[..., :C]
-    score = -eps / np.maximum(std, 1e-12)
+    score = -eps / std
     x0 = (x + std**2 * score) / mean
-    ends = np.asarray(nxt).reshape(s.shape) <= 0
-    h = s_next - s
+    ends = (np.asarray(nxt) < 0).reshape(log_abar.shape)
+    h = log_abar - log_abar_next  # d lambda <= 0
     weight = 1.0 if kind == "sde_euler" else 0.5
-    drift = -0.5 * beta * x - weight * beta * score
+    drift = -0.5 * x - weight * score
     if kind == "sde_euler":
-        x_new = x + h * drift + np.sqrt(beta * -h) * np.asarray(noise)
+        x_new = x + h * drift + np.sqrt(-h) * np.asarray(noise)
     elif kind == "ode_euler":
         x_new = x + h * drift
     else:
         tau_2 = np.maximum(nxt, 0.0)
         x_e = np.where(ends, x0, x + h * drift).astype(np.float32)
         x_e = show(x_e, tau_2)
-        _, beta2, _, std2 = _vp(tau_2)
+        _, _, std2 = _vp(tau_2)
         eps2 = np.asarray(model(x_e, jnp.asarray(tau_2, jnp.float32)), np.float64)[..., :C]
-        score2 = -eps2 / np.maximum(std2, 1e-12)
-        drift2 = -0.5 * beta2 * np.asarray(x_e, np.float64) - 0.5 * beta2 * score2
+        drift2 = -0.5 * np.asarray(x_e, np.float64) + 0.5 * eps2 / std2
         x_new = x + 0.5 * h * (drift + drift2)
     return np.where(ends, x0, x_new).astype(np.float32)
 
@@ -224,7 +226,9 @@ def test_uniform_scan_ddim_is_scalar_ddim(tiny):
 
 def test_one_compilation_for_several_batches(tiny):
     apply, params, _ = tiny
-    run = make_sampler(apply, SCHEDULE, sampler="ddim")
+    chex.clear_trace_counter()
+    # A second trace of the model (a retrace of the sampler) raises right where it happens.
+    run = make_sampler(chex.assert_max_traces(apply, n=1), SCHEDULE, sampler="ddim")
     taus, nexts = per_frame_schedule()
     outs = []
     for seed in range(3):
@@ -254,8 +258,6 @@ def test_sampler_errors(tiny):
         sample(model_fn, SCHEDULE, x, taus, nexts[:-1])
     with pytest.raises(ValueError, match="policy="):
         Conditioning(mask=jnp.zeros((B, N), bool), values=x, policy="keep")
-    with pytest.raises(ValueError, match="linear beta schedule"):
-        sample(model_fn, Schedule(beta_schedule="cosine"), x, taus, nexts, sampler="ode_euler")
 
 
 # --- the official reference vectors, through the scan sampler ---------------------------------
@@ -318,3 +320,42 @@ def test_cfg_model_fn_is_official_forward_with_cfg(official):
     )
     out = jax.jit(model_fn)(to_ours(ref["x0"]), jnp.asarray(ref["t"], jnp.float32))
     assert_official("model_cfg_out (conditional half)", out, to_ours(ref["model_cfg_out"])[:batch])
+
+
+@pytest.mark.parametrize("task", ["i2v", "interpolate"])
+def test_released_policy_is_the_released_scripts_loop(tiny, task):
+    """'released': the clean latents are written into x_T at the given frames, then the ordinary
+    DDIM loop runs with every frame at the same t; a scalar-DDIM loop written here reproduces it
+    step by step, and the model overwrites the given frames."""
+    apply, params, jitted = tiny
+    k1, k2 = jax.random.split(jax.random.key(7))
+    x_T = np.asarray(jax.random.normal(k1, (B, N, HW, HW, C)))
+    clean = np.asarray(jax.random.normal(k2, (B, 2, HW, HW, C)))
+    if task == "i2v":
+        taus, nexts, cond = tasks.i2v("10", clean[:, 0], N, policy="released")
+        given, values = [0], clean[:, :1]
+    else:
+        taus, nexts, cond = tasks.interpolate("10", clean, N, policy="released")
+        given, values = [0, N - 1], clean
+    t, t_next = timestep_grid("10")
+    np.testing.assert_array_equal(taus, np.broadcast_to(t[:, None, None], taus.shape))
+    np.testing.assert_array_equal(nexts, np.broadcast_to(t_next[:, None, None], nexts.shape))
+    _, trajectory = traj_sampler(apply, "ddim")(x_T, taus, nexts, None, cond, params)
+
+    timestep_map = space_timesteps(1000, "10")
+    abar = respaced_alphas_cumprod(SCHEDULE, timestep_map)
+    x = x_T.astype(np.float64)
+    x[:, given] = values  # sample_video_i2v.py: z[:, 0] = x[:, 0] (and z[:, -1] for interpolation)
+    for step, index in enumerate(reversed(range(len(timestep_map)))):
+        tau = np.full((B, N), timestep_map[index], np.float32)
+        eps = np.asarray(jitted(params, jnp.asarray(x, jnp.float32), tau), np.float64)[..., :C]
+        a, a_prev = abar[index], abar[index - 1] if index > 0 else 1.0
+        pred_x0 = np.sqrt(1 / a) * x - np.sqrt(1 / a - 1) * eps
+        x = np.sqrt(a_prev) * pred_x0 + np.sqrt(1 - a_prev) * eps
+        assert_close(f"released step {step}", trajectory[step], x, 1e-5)
+    out = np.asarray(trajectory[-1])
+    assert np.abs(out[:, given] - values).min(axis=(2, 3, 4)).min() > 1e-3  # overwritten
+    with pytest.raises(ValueError, match="no meaning under policy 'released'"):
+        tasks.i2v("10", clean[:, 0], N, policy="released", noise_multiplier=0.2)
+    with pytest.raises(ValueError, match="released"):
+        tasks.progressive("10", N, image=clean[:, 0], policy="released")

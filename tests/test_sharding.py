@@ -6,10 +6,10 @@ import logging
 import os
 import re
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -209,7 +209,7 @@ def test_activation_constraints_shard_the_batch_only_under_the_context(scan_laye
     hlo = compiled.as_text()
     assert re.search(r"f32\[1,4,8,8,4\]\S* parameter\(\d+\), sharding=\{devices=\[8,1,1,1,1\]", hlo)
     assert out.sharding.spec == P(("data", "fsdp"))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(reference), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(out, reference, rtol=1e-6, atol=1e-6)
 
     # Rules alone or a mesh alone leave the model unconstrained. (Fresh jits: jax's trace cache
     # keys on the mesh context but not on flax's logical rules.)

@@ -5,14 +5,15 @@
 CKPT: a torch file (.pt/.pth/.bin/.ckpt, read with torch.load(weights_only=True); torch is an
 optional extra), a .safetensors file, or a .npz of the state_dict tensors (no torch needed; use
 --prefix to pick one state_dict out of an npz that holds several). Containers {'ema': sd} and
-{'model': sd} are unwrapped, the EMA weights first. Without --config the model shape is inferred
+{'model': sd} are unwrapped, the EMA weights first; `_orig_mod.` (torch.compile) and `module.`
+(DDP) key prefixes are stripped. A tensor with no place in the model, or a parameter the file
+lacks, stops the conversion with one line listing them. Without --config the model shape is inferred
 from the weights (the head count from the named S/B/L/XL sizes, or --num_heads) and the diffusion
 section takes the default 1000-step linear schedule.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags
@@ -23,7 +24,7 @@ from fvdm_jax.convert.official import (
     ConversionError,
     convert_state_dict,
     infer_model_config,
-    unwrap_state_dict,
+    read_checkpoint,
 )
 from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.models.dit import model_from_config
@@ -35,35 +36,6 @@ _OUTPUT = flags.DEFINE_string("output", None, "Directory for the inference check
 _PREFIX = flags.DEFINE_string("prefix", "", "Key prefix selecting one state_dict inside an .npz.")
 _NUM_HEADS = flags.DEFINE_integer("num_heads", None, "Head count when it cannot be inferred.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with model/diffusion.")
-
-
-def read_checkpoint(path: str, prefix: str = "") -> dict:
-    """Loads the tensors of a checkpoint file into a flat {name: numpy array} state_dict."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".npz":
-        import numpy as np
-
-        with np.load(path, allow_pickle=False) as data:
-            raw = {k[len(prefix):]: data[k] for k in data.files if k.startswith(prefix)}
-        if not raw:
-            raise ConversionError(f"{path} has no arrays under prefix {prefix!r}")
-        return unwrap_state_dict(raw)
-    if ext == ".safetensors":
-        from fvdm_jax.convert.diffusers_vae import read_safetensors  # numpy reader, no extra deps
-
-        return unwrap_state_dict(read_safetensors(path))
-    if ext in (".pt", ".pth", ".bin", ".ckpt"):
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(
-                f"reading {ext} files needs torch (an optional extra: pip install torch), or save "
-                f"the state_dict as .npz and convert that"
-            ) from None
-        return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    raise ConversionError(f"unknown checkpoint type {ext!r}: use .pt/.pth/.bin/.ckpt, .safetensors or .npz")
 
 
 def convert_official(checkpoint, output, config=None, prefix="", num_heads=None) -> str:

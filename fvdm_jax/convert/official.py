@@ -4,11 +4,17 @@ FVDM names its blocks `blocks_spatial.{i}` / `blocks_temp.{i}`; Latte uses one l
 alternating spatial (even j) and temporal (odd j). Torch Linear weights are (out, in); the patch
 embedding is a conv (D, C, p, p). The frozen `pos_embed` / `temp_embed` tables are not parameters
 here (the model recomputes them); the converter checks that the checkpoint's tables agree.
+
+Key names are read as the official sampler reads them: a `torch.compile` prefix `_orig_mod.` is
+stripped (as sample/sample_video*.py do), and so is DDP's `module.`. Every tensor of the file must
+find its place and every parameter must be found: anything else is one ConversionError line that
+lists the keys. `read_checkpoint` loads .pt / .safetensors / .npz files into a flat state_dict.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -16,10 +22,16 @@ from typing import Any
 import jax
 import numpy as np
 
+from fvdm_jax.errors import ConfigError
 from fvdm_jax.models.dit import MODEL_SIZES, DiT
 from fvdm_jax.models.embeddings import sincos_1d, sincos_2d
 
 CONTAINER_KEYS = ("ema", "model", "state_dict", "module")
+# Wrappers around the real key: DDP's `module.` and torch.compile's `_orig_mod.` (either order).
+KEY_PREFIXES = ("module.", "_orig_mod.")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+CHECKPOINT_SUFFIXES = TORCH_SUFFIXES + (".safetensors", ".npz")
+FIXED_TABLES = ("pos_embed", "temp_embed")
 _BLOCK_PARTS = {
     "attn.qkv": ("attn", "qkv"),
     "attn.proj": ("attn", "proj"),
@@ -29,30 +41,92 @@ _BLOCK_PARTS = {
 }
 
 
-class ConversionError(ValueError):
-    """A checkpoint does not match the model it is converted to."""
+class ConversionError(ConfigError):
+    """A checkpoint does not match the model it is converted to (one line, a ConfigError)."""
+
+
+def _listed(keys, limit: int = 12) -> str:
+    """'a, b, c' for up to `limit` keys, then how many more."""
+    keys = sorted(keys)
+    text = ", ".join(keys[:limit])
+    return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def strip_key(key: str) -> str:
+    """The model's own name of a state_dict key: `module.` (DDP) and `_orig_mod.` (torch.compile)
+    removed. Like the official sampler, `_orig_mod.` is cut wherever it occurs (what follows it)."""
+    key = str(key)
+    while True:
+        if "_orig_mod." in key:
+            key = key.split("_orig_mod.", 1)[1]
+        elif key.startswith("module."):
+            key = key[len("module."):]
+        else:
+            return key
 
 
 def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Finds the tensors inside the official containers ({'ema': sd}, {'model': sd}, DDP 'module.')."""
+    """Finds the tensors inside the official containers ({'ema': sd} first, {'model': sd}, ...) and
+    strips the DDP / torch.compile key prefixes; numpy arrays out."""
     sd = obj
     while isinstance(sd, Mapping) and not _looks_like_state_dict(sd):
         inner = next((sd[k] for k in CONTAINER_KEYS if k in sd and isinstance(sd[k], Mapping)), None)
         if inner is None:
             raise ConversionError(
-                f"no model state_dict found: top-level keys {sorted(sd)[:8]}; expected a state_dict "
-                f"or a container with one of {CONTAINER_KEYS}"
+                f"no model state_dict found: top-level keys {sorted(map(str, sd))[:8]}; expected a "
+                f"state_dict or a container with one of {CONTAINER_KEYS}"
             )
         sd = inner
-    out = {}
+    out, sources = {}, {}
     for key, value in sd.items():
-        key = key[len("module."):] if key.startswith("module.") else key
-        out[key] = _to_numpy(value)
+        name = strip_key(key)
+        if name in out:
+            raise ConversionError(f"state_dict keys {sources[name]!r} and {key!r} both name {name!r} "
+                                  f"once the {KEY_PREFIXES} prefixes are stripped; keep one of them")
+        out[name], sources[name] = _to_numpy(value), key
     return out
 
 
 def _looks_like_state_dict(d: Mapping) -> bool:
-    return any(str(k).removeprefix("module.").startswith("x_embedder.") for k in d)
+    return any(strip_key(k).startswith("x_embedder.") for k in d)
+
+
+def read_checkpoint(path: str, prefix: str = "") -> dict[str, np.ndarray]:
+    """Loads the tensors of a checkpoint file into a flat {name: numpy array} state_dict.
+
+    .pt/.pth/.bin/.ckpt: torch.load(weights_only=True) (torch is an optional extra); .safetensors
+    and .npz need no torch; `prefix` picks one state_dict out of an .npz that holds several."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            raw = {k[len(prefix):]: data[k] for k in data.files if k.startswith(prefix)}
+        if not raw:
+            raise ConversionError(f"{path} has no arrays under prefix {prefix!r}")
+        return unwrap_state_dict(raw)
+    if ext == ".safetensors":
+        from fvdm_jax.convert.diffusers_vae import read_safetensors  # numpy reader, no extra deps
+
+        return unwrap_state_dict(read_safetensors(path))
+    if ext in TORCH_SUFFIXES:
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(
+                f"reading {ext} files needs torch (an optional extra: pip install torch), or save "
+                f"the state_dict as .safetensors / .npz and read that"
+            ) from None
+        return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    raise ConversionError(f"unknown checkpoint type {ext!r} of {path}: use one of "
+                          f"{', '.join(CHECKPOINT_SUFFIXES)}")
+
+
+def step_from_file_name(path: str) -> int | None:
+    """The training step an official checkpoint's name carries (train_video.py saves
+    `{step:07d}.pt` and reads the step back from the name when fine-tuning), else None."""
+    stem = os.path.basename(path).split(".")[0]
+    return int(stem) if stem.isdigit() else None
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -93,6 +167,9 @@ def infer_model_config(sd: Mapping[str, np.ndarray], num_heads: int | None = Non
     The head count is not visible in the weights: it comes from the named size with the same width
     and depth (S/B/L/XL), or must be given.
     """
+    for key in ("x_embedder.proj.weight", "final_layer.linear.weight"):
+        if key not in sd:
+            raise ConversionError(f"not an FVDM/Latte state_dict: no {key} (keys found: {_listed(sd, 6)})")
     weight = sd["x_embedder.proj.weight"]  # (D, C, p, p)
     hidden, in_channels, patch = weight.shape[0], weight.shape[1], weight.shape[2]
     depth = count_blocks(sd)
@@ -157,14 +234,42 @@ def _block_params(sd, prefixes, model: DiT, used) -> dict:
     return stacked
 
 
+_TOP_LEVEL = ("x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2",
+              "final_layer.adaLN_modulation.1", "final_layer.linear")
+_KNOWN_KEY = re.compile(
+    r"^(?:(?:x_embedder\.proj|t_embedder\.mlp\.[02]|final_layer\.(?:adaLN_modulation\.1|linear)"
+    r"|(?:blocks_spatial|blocks_temp|blocks)\.\d+\.(?:" + "|".join(re.escape(p) for p in _BLOCK_PARTS)
+    + r"))\.(?:weight|bias)|y_embedder\.embedding_table\.weight|pos_embed|temp_embed)$")
+
+
+def split_known(sd: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(the tensors an FVDM / Latte model has a place for, the names of all others)."""
+    known = {k: v for k, v in sd.items() if _KNOWN_KEY.match(k)}
+    return known, sorted(k for k in sd if k not in known)
+
+
+def required_keys(sd: Mapping[str, np.ndarray], depth: int) -> list[str]:
+    """The tensors a model of `depth` blocks reads from a state_dict of this layout (the label
+    table only when the state_dict has one: its absence is an unconditional model)."""
+    layout = _block_layout(sd)
+    prefixes = list(_TOP_LEVEL)
+    for kind in ("spatial", "temporal"):
+        for block in _block_prefixes(sd, layout, kind, depth // 2):
+            prefixes.extend(f"{block}.{part}" for part in _BLOCK_PARTS)
+    keys = [f"{p}.{leaf}" for p in prefixes for leaf in ("weight", "bias")]
+    return keys + (["y_embedder.embedding_table.weight"] if "y_embedder.embedding_table.weight" in sd else [])
+
+
 def convert_state_dict(sd: Mapping[str, np.ndarray], model: DiT, *, check_tables=True) -> dict:
     """Official/Latte state_dict -> {'params': ...} for `model` (float32 numpy leaves).
 
-    Every tensor must be used and every parameter must be found, with matching shapes.
+    Every tensor must be used and every parameter must be found, with matching shapes; a
+    mismatch is one ConversionError line listing the keys.
     """
     missing = [k for k in ("x_embedder.proj.weight", "final_layer.linear.weight") if k not in sd]
     if missing:
-        raise ConversionError(f"not an FVDM/Latte state_dict: missing {missing}")
+        raise ConversionError(f"not an FVDM/Latte state_dict: missing {missing} (keys found: "
+                              f"{_listed(sd, 6)})")
     used: set[str] = set()
     layout = _block_layout(sd)
     num_pairs = model.depth // 2
@@ -173,6 +278,10 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], model: DiT, *, check_tables
         raise ConversionError(
             f"checkpoint has {have} blocks but model.depth={model.depth}; fix the model config"
         )
+    missing = [k for k in required_keys(sd, model.depth) if k not in sd]
+    if missing:
+        raise ConversionError(f"the checkpoint lacks {len(missing)} tensors the model needs: "
+                              f"{_listed(missing)}; it is incomplete or not an FVDM/Latte state_dict")
     conv = sd["x_embedder.proj.weight"]  # (D, C, p, p) -> ((p q c), D)
     used.update({"x_embedder.proj.weight", "x_embedder.proj.bias"})
     params = {
@@ -201,10 +310,12 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], model: DiT, *, check_tables
 
     if check_tables:
         _check_frozen_tables(sd, model)
-    used.update({"pos_embed", "temp_embed"})
+    used.update(FIXED_TABLES)
     unused = sorted(set(sd) - used)
     if unused:
-        raise ConversionError(f"checkpoint tensors with no place in the model: {unused[:6]}")
+        raise ConversionError(f"{len(unused)} checkpoint tensors have no place in the model: "
+                              f"{_listed(unused)}; convert an FVDM (blocks_spatial/blocks_temp) or "
+                              f"Latte (blocks) DiT state_dict")
 
     params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), {"params": params})
     _check_shapes(params, model)
@@ -244,14 +355,25 @@ def _check_shapes(params, model: DiT):
     got = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
     if want.keys() != got.keys():
         raise ConversionError(
-            f"parameter names differ: missing {sorted(want.keys() - got.keys())[:4]}, "
-            f"unexpected {sorted(got.keys() - want.keys())[:4]} (check model.num_classes / "
-            f"class_dropout_prob against the checkpoint)"
+            f"parameter names differ: missing {_listed(want.keys() - got.keys(), 4) or 'none'}, "
+            f"unexpected {_listed(got.keys() - want.keys(), 4) or 'none'} (check model.num_classes "
+            f"/ class_dropout_prob against the checkpoint)"
         )
-    bad = {k: (got[k], want[k]) for k in want if tuple(got[k]) != tuple(want[k])}
+    bad = [f"{k} {tuple(got[k])} vs {tuple(want[k])}" for k in want if tuple(got[k]) != tuple(want[k])]
     if bad:
-        name, (g, w) = next(iter(bad.items()))
-        raise ConversionError(f"shape mismatch at {name}: checkpoint {g}, model {w}")
+        raise ConversionError(f"shape mismatch (checkpoint vs model) at {_listed(bad, 6)}; fix the "
+                              f"model config to the checkpoint's")
+
+
+def convert_as_saved(sd: Mapping[str, np.ndarray], num_heads: int | None = None):
+    """A state_dict converted with the model its shapes describe, for fine-tuning another model:
+    ({'params': ...}, that model's config (`infer_model_config`), the names of the tensors that
+    no FVDM / Latte model has a place for, which are left out)."""
+    from fvdm_jax.models.dit import model_from_config
+
+    known, unknown = split_known(sd)
+    config = infer_model_config(known, num_heads)
+    return convert_state_dict(known, model_from_config(config)), config, unknown
 
 
 def to_official_state_dict(params: Mapping, model: DiT) -> dict[str, np.ndarray]:

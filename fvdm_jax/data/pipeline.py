@@ -61,7 +61,9 @@ def make_source(
         'synthetic': num_examples, seed. 'demo': num_examples, frame_interval, seed (the shipped
         real clips, pixels). 'video_folder': path, dataset, split, frame_interval, image_size,
         seed (pixels in [-1, 1]). 'latents': cache_path (default WORKDIR/latents, where
-        --mode=encode writes it), frame_interval, seed.
+        --mode=encode writes it), frame_interval, seed. 'tfds': tfds_name, tfds_data_dir,
+        tfds_split (else split), tfds_video_key, tfds_label_key, dataset, class_ids,
+        frame_interval, image_size, seed (pixels in [-1, 1], the clip rules of video_folder).
       model_config: the `model` section; the source makes videos of the model's input shape:
         num_frames (F), input_size (H = W), in_channels (C), num_classes (0 = unconditional).
       vae_config: the `vae` section ('latents' reads vae.sample_posterior).
@@ -121,6 +123,26 @@ def make_source(
             sample_posterior=bool((vae_config or {}).get("sample_posterior", True)),
             dataset=data_config.get("dataset"),
         )
+    elif source == "tfds":
+        from fvdm_jax.data.tfds_source import TfdsVideoSource
+
+        if model_config.get("in_channels") != 3:
+            raise ConfigError("data.source='tfds' yields RGB pixels; set model.in_channels=3.")
+        built = TfdsVideoSource(
+            _required(data_config, "tfds_name", "data"),
+            dataset=_required(data_config, "dataset", "data"),
+            num_frames=_required(model_config, "num_frames", "model"),
+            frame_interval=_required(data_config, "frame_interval", "data"),
+            image_size=_required(data_config, "image_size", "data"),
+            seed=_required(data_config, "seed", "data"),
+            split=data_config.get("tfds_split") or data_config.get("split"),
+            data_dir=data_config.get("tfds_data_dir"),
+            video_key=data_config.get("tfds_video_key") or "video",
+            label_key=data_config.get("tfds_label_key") or "label",
+            labels=num_classes > 0,
+            class_ids=data_config.get("class_ids") or "sorted",
+        )
+        logging.info("%s", built.describe())
     else:
         from fvdm_jax.data.folder import VideoFolderSource
 
@@ -137,8 +159,9 @@ def make_source(
         )
         logging.info("%s", built.describe())
     if built.num_classes != num_classes:
+        origin = f"data.tfds_name={built.name!r}" if source == "tfds" else "data.path"
         raise ConfigError(
-            f"data.path has {built.num_classes} classes but model.num_classes={num_classes}; "
+            f"{origin} has {built.num_classes} classes but model.num_classes={num_classes}; "
             f"set model.num_classes={built.num_classes}"
         )
     return built

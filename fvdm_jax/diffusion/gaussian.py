@@ -77,7 +77,12 @@ def step_log_beta_and_posterior(schedule: Schedule, tau, tau_next, ndim: int):
     1 - alpha_bar(tau) / alpha_bar(tau_next). A step that ends clean (tau_next = -1) has zero
     posterior variance; as in the official process its log variance is clipped to that of the step
     tau + 1 -> tau on the original grid (it enters only the variance of frames that receive no
-    noise, and the learned-range interpolation of the training loss at t = 0).
+    noise, and the learned-range interpolation of the training loss at t = 0). From tau > T - 2
+    there is no step tau + 1 -> tau: the last step T - 1 -> T - 2 stands in, so a frame that
+    jumps from T - 1 straight to clean has a finite variance for any model output. Both log
+    variances are floored at log(1e-30), far below any real step's (the smallest, 1 -> 0 of the
+    linear schedule, is 5e-5): a frame that does not move (tau_next = tau, beta 0) gets a finite
+    log variance instead of -inf, and no learned interpolation of it can make 0 * inf.
     """
     log_abar = _log_abar(schedule, tau, ndim)
     log_abar_next = _log_abar(schedule, tau_next, ndim)
@@ -88,11 +93,21 @@ def step_log_beta_and_posterior(schedule: Schedule, tau, tau_next, ndim: int):
     coef_xt = one_minus_abar_next * jnp.exp(0.5 * (log_abar - log_abar_next)) / one_minus_abar
     variance = beta * one_minus_abar_next / one_minus_abar
 
-    log_abar_up = _log_abar(schedule, jnp.asarray(tau) + 1, ndim)
-    variance_up = -jnp.expm1(log_abar_up - log_abar) * one_minus_abar / -jnp.expm1(log_abar_up)
+    below = jnp.minimum(jnp.asarray(tau, jnp.float32), float(schedule.num_timesteps - 2))
+    log_abar_below = _log_abar(schedule, below, ndim)
+    log_abar_up = _log_abar(schedule, below + 1, ndim)
+    variance_up = (-jnp.expm1(log_abar_up - log_abar_below) * -jnp.expm1(log_abar_below)
+                   / -jnp.expm1(log_abar_up))
     ends_clean = extract(jnp.asarray(tau_next) < 0, ndim)
-    log_variance_clipped = jnp.log(jnp.where(ends_clean, variance_up, variance))
-    return jnp.log(beta), coef_x0, coef_xt, log_variance_clipped
+    log_variance_clipped = _floored_log(jnp.where(ends_clean, variance_up, variance))
+    return _floored_log(beta), coef_x0, coef_xt, log_variance_clipped
+
+
+_LOG_VARIANCE_FLOOR = -69.0  # log(1e-30)
+
+
+def _floored_log(value):
+    return jnp.maximum(jnp.log(jnp.maximum(value, 0.0)), _LOG_VARIANCE_FLOOR)
 
 
 def q_posterior_mean_variance(schedule: Schedule, x_start, x_t, tau, tau_next=None):

@@ -1,9 +1,10 @@
 """Reverse diffusion with per-frame timesteps: single steps and whole `lax.scan` sampling loops.
 
-Steps: DDIM, ancestral DDPM, and the continuous VP-SDE view (Euler-Maruyama for the reverse
-SDE, Euler and Heun for the probability-flow ODE). Loops: `sample` / `make_sampler` run any
-(S, B, N) schedule of per-frame timesteps, with optional conditioning frames ('hold' or
-'replace'), and `cfg_model_fn` adds classifier-free guidance.
+Steps: DDIM, ancestral DDPM, and the continuous view (`DiscreteVPSDE`: Euler-Maruyama for the
+reverse SDE, Euler and Heun for the probability-flow ODE). Loops: `sample` / `make_sampler` run
+any (S, B, N) schedule of per-frame timesteps, with optional conditioning frames ('hold',
+'replace' or 'released') and history guidance; fvdm_jax/diffusion/guidance.py holds the guided
+model calls (classifier-free and history guidance).
 
 A step takes the model output at (x, tau) and moves every frame from tau to its own tau_next
 (original-scale units; tau_next = -1 ends the frame clean). On the grid of a respaced schedule
@@ -14,6 +15,7 @@ model's x_0 prediction and no noise, which is the official treatment of frames a
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -26,7 +28,15 @@ from fvdm_jax.diffusion.gaussian import (
     predict_xstart_from_eps,
     q_sample,
 )
-from fvdm_jax.diffusion.schedule import VPSDE, Schedule, extract
+from fvdm_jax.diffusion.guidance import (
+    HistoryGuidance,
+    HistoryInput,
+    combine,
+    history_free_input,
+    history_noise,
+)
+from fvdm_jax.diffusion.guidance import cfg_model_fn as cfg_model_fn  # where it always was
+from fvdm_jax.diffusion.schedule import Schedule, extract
 
 
 def ddim_step(
@@ -82,7 +92,8 @@ def ddpm_step(
 ):
     """One ancestral step: a sample of the model's p(x_tau_next | x_tau). Returns (x_next, x_0).
 
-    Frames that end clean get the posterior mean and no noise. A frame with tau_next >= tau is
+    Frames that end clean get the posterior mean (their x_0 prediction) and no noise, whatever
+    the variance output is (even one whose variance overflows). A frame with tau_next >= tau is
     not a reverse step and is returned unchanged.
     """
     out = p_mean_variance(
@@ -95,7 +106,8 @@ def ddpm_step(
         clip_denoised=clip_denoised,
     )
     gets_noise = extract(jnp.asarray(tau_next) >= 0, x.ndim)
-    sample = out["mean"] + gets_noise * jnp.exp(0.5 * out["log_variance"]) * noise
+    noised = out["mean"] + jnp.exp(0.5 * out["log_variance"]) * noise
+    sample = jnp.where(gets_noise, noised, out["mean"])
     moves = extract(jnp.asarray(tau_next) < jnp.asarray(tau), x.ndim)
     return jnp.where(moves, sample, x), out["pred_xstart"]
 
@@ -107,12 +119,14 @@ def ddpm_step(
 # = -1: the frame ends clean at that step). Every sampler below runs the same scan; only the step
 # differs. Stochastic samplers draw their step-i noise as
 #     jax.random.normal(jax.random.fold_in(rng, i), x.shape)
-# and the noise used to show a 'hold' conditioning frame at tau > 0 as
+# the noise used to show a 'hold' conditioning frame at tau > 0 as
 #     jax.random.normal(jax.random.fold_in(jax.random.fold_in(rng, i), 1), x.shape)
-# (`step_noise` / `conditioning_noise`), so a Python loop over the same steps reproduces a scan.
+# and history guidance's noise for the context at tau_h with index 2 in place of 1
+# (`step_noise` / `conditioning_noise` / `guidance.history_noise`), so a Python loop over the
+# same steps reproduces a scan.
 
 SAMPLERS = ("ddpm", "ddim", "sde_euler", "ode_euler", "ode_heun")
-POLICIES = ("hold", "replace")
+POLICIES = ("hold", "replace", "released")
 
 
 @struct.dataclass
@@ -120,7 +134,7 @@ class Conditioning:
     """Clean frames a sampler conditions on.
 
     mask (B, N) bool: the conditioning frames. values (B, N, H, W, C): their clean content (other
-    frames are ignored). policy (static): 'hold' or 'replace'.
+    frames are ignored). policy (static): 'hold', 'replace' or 'released'.
 
     'hold' (default; Diffusion Forcing / Pusa): a conditioning frame is reset to exactly `values`
     after every step, so the output equals the input bit-for-bit. The model is shown the frame at
@@ -129,7 +143,10 @@ class Conditioning:
     'replace' (the paper's tau = 0 form, as the official long-video loop): the frame starts as
     `values` (noised to its first tau when that is > 0) and then follows its schedule like any
     other frame; at tau 0 / tau_next -1 each step sets it to the model's x_0 prediction, so the
-    output is that prediction. (The released i2v scripts do neither: docs/sampling.md.)
+    output is that prediction.
+    'released' (the released i2v / interpolation scripts): `values` are written into x_T and the
+    frame is then an ordinary frame; the tasks label it like the others (tau = t every step), so
+    the model overwrites it. docs/sampling.md says which form produced which official number.
     """
 
     mask: jnp.ndarray
@@ -171,7 +188,7 @@ def conditioning_noise(rng, step, shape):
 
 def show_conditioning(schedule: Schedule, x, tau, cond: Conditioning | None, noise):
     """The input the model sees: under 'hold', conditioning frames are `values` (tau <= 0) or
-    q_sample(values, tau, noise) (tau > 0); everything else is x. 'replace' and None: x."""
+    q_sample(values, tau, noise) (tau > 0); everything else is x. Other policies and None: x."""
     if cond is None or cond.policy != "hold":
         return x
     values = cond.values.astype(x.dtype)
@@ -181,93 +198,88 @@ def show_conditioning(schedule: Schedule, x, tau, cond: Conditioning | None, noi
     return jnp.where(extract(cond.mask, x.ndim), shown, x)
 
 
-# --- the continuous view: reverse VP-SDE (Euler-Maruyama) and probability-flow ODE -----------
-# Each frame moves from its own continuous time s = tau / (T-1) to s_next = tau_next / (T-1)
-# (tau_next <= 0 -> s_next = 0). score = -eps / std(s). A frame whose s_next is 0 receives the
-# x_0 prediction (x - std eps) / mean and no noise: the VP drift is singular at s = 0, and the
-# x_0 prediction is where both the SDE and the ODE end. A frame at s = 0 (tau 0, e.g. a
-# 'replace' conditioning frame) therefore stays exactly as it is.
+# --- the continuous view: reverse SDE (Euler-Maruyama) and probability-flow ODE ---------------
+# The process is `DiscreteVPSDE`: the VP-SDE whose integrated rate lambda(tau) = -log alpha_bar
+# (tau) is the trained schedule's, so its marginals are the network's training marginals. The
+# steps are taken in lambda: a frame moves by h = lambda(tau_next) - lambda(tau) <= 0 (exact from
+# the table, like a DDIM step's coefficients), with dx/dlambda = -x / 2 + w eps / std (w = 1 for
+# the reverse SDE, whose noise is sqrt(-h) N(0, 1); w = 1/2 for the ODE); score = -eps / std.
+# A frame whose tau_next is -1 receives the x_0 prediction (x - std eps) / mean and no noise:
+# the drift is singular at lambda = 0, and x_0 is where both the SDE and the ODE end (and what
+# DDIM gives there). A frame with tau_next = tau (waiting, finished) has h = 0 and stays exact.
 
 
-def _vp_coefficients(sde: VPSDE, tau, ndim: int):
-    s = sde.time_of_timestep(jnp.maximum(jnp.asarray(tau, jnp.float32), 0.0))
-    log_abar = sde.log_alpha_bar(s)
-    mean = jnp.exp(0.5 * log_abar)
-    std = jnp.sqrt(-jnp.expm1(log_abar))
-    return (extract(v, ndim) for v in (s, sde.beta(s), mean, std))
-
-
-def _vp_drift(sde: VPSDE, model_output, x, tau, *, probability_flow, clip_denoised):
-    """(dx/ds of the reverse SDE or the probability-flow ODE, x_0 prediction) at (x, tau)."""
-    channels = x.shape[-1]
-    eps = model_output[..., :channels]
-    _, beta, mean, std = _vp_coefficients(sde, tau, x.ndim)
+def _vp_drift(schedule: Schedule, model_output, x, tau, *, probability_flow, clip_denoised):
+    """(dx / dlambda of the reverse SDE or the probability-flow ODE, x_0 prediction)."""
+    eps = model_output[..., : x.shape[-1]]
+    log_abar = extract(schedule.log_alpha_bar(jnp.maximum(jnp.asarray(tau, jnp.float32), 0.0)),
+                       x.ndim)
+    mean, std = jnp.exp(0.5 * log_abar), jnp.sqrt(-jnp.expm1(log_abar))  # std >= sqrt(beta_0)
     pred_xstart = (x - std * eps) / mean
-    safe_std = jnp.maximum(std, 1e-12)
     if clip_denoised:
         pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
-        eps = (x - mean * pred_xstart) / safe_std
+        eps = (x - mean * pred_xstart) / std
     score_weight = 0.5 if probability_flow else 1.0
-    # f(x, s) - w g(s)^2 score, with f = -beta x / 2, g^2 = beta, score = -eps / std.
-    drift = -0.5 * beta * x + score_weight * beta * eps / safe_std
-    return drift, pred_xstart
+    return -0.5 * x + score_weight * eps / std, pred_xstart
 
 
 def _ends_clean(tau_next, ndim):
-    return extract(jnp.asarray(tau_next) <= 0, ndim)
+    return extract(jnp.asarray(tau_next) < 0, ndim)
 
 
-def _step_size(sde: VPSDE, tau, tau_next, ndim):
-    s, *_ = _vp_coefficients(sde, tau, ndim)
-    s_next, *_ = _vp_coefficients(sde, tau_next, ndim)
-    return s_next - s  # <= 0 for a reverse step, 0 for a frame that does not move
+def _lambda_step(schedule: Schedule, tau, tau_next, ndim):
+    """lambda(tau_next) - lambda(tau) = log alpha_bar(tau) - log alpha_bar(tau_next): <= 0 for a
+    reverse step, 0 for a frame that does not move (tau_next -1 is handled by `_ends_clean`)."""
+    def log_abar(t):
+        return schedule.log_alpha_bar(jnp.maximum(jnp.asarray(t, jnp.float32), 0.0))
+
+    return extract(log_abar(tau) - log_abar(tau_next), ndim)
 
 
-def sde_euler_step(sde: VPSDE, model_output, x, tau, tau_next, noise, *, clip_denoised=False):
-    """One Euler-Maruyama step of the reverse VP-SDE per frame. Returns (x_next, pred_xstart)."""
+def sde_euler_step(schedule: Schedule, model_output, x, tau, tau_next, noise, *,
+                   clip_denoised=False):
+    """One Euler-Maruyama step of the reverse SDE per frame. Returns (x_next, pred_xstart)."""
     drift, pred_xstart = _vp_drift(
-        sde, model_output, x, tau, probability_flow=False, clip_denoised=clip_denoised
+        schedule, model_output, x, tau, probability_flow=False, clip_denoised=clip_denoised
     )
-    h = _step_size(sde, tau, tau_next, x.ndim)
-    _, beta, _, _ = _vp_coefficients(sde, tau, x.ndim)
-    x_next = x + h * drift + jnp.sqrt(beta * jnp.maximum(-h, 0.0)) * noise
+    h = _lambda_step(schedule, tau, tau_next, x.ndim)
+    x_next = x + h * drift + jnp.sqrt(jnp.maximum(-h, 0.0)) * noise
     return jnp.where(_ends_clean(tau_next, x.ndim), pred_xstart, x_next), pred_xstart
 
 
-def ode_euler_step(sde: VPSDE, model_output, x, tau, tau_next, *, clip_denoised=False):
+def ode_euler_step(schedule: Schedule, model_output, x, tau, tau_next, *, clip_denoised=False):
     """One Euler step of the probability-flow ODE per frame. Returns (x_next, pred_xstart)."""
     drift, pred_xstart = _vp_drift(
-        sde, model_output, x, tau, probability_flow=True, clip_denoised=clip_denoised
+        schedule, model_output, x, tau, probability_flow=True, clip_denoised=clip_denoised
     )
-    h = _step_size(sde, tau, tau_next, x.ndim)
+    h = _lambda_step(schedule, tau, tau_next, x.ndim)
     return jnp.where(_ends_clean(tau_next, x.ndim), pred_xstart, x + h * drift), pred_xstart
 
 
-def ode_heun_step(
-    sde: VPSDE, model_fn, model_output, x, tau, tau_next, *, clip_denoised=False, show=None
-):
+def ode_heun_step(schedule: Schedule, evaluate, model_output, x, tau, tau_next, *,
+                  clip_denoised=False):
     """One Heun (2nd-order) step of the probability-flow ODE. Returns (x_next, pred_xstart).
 
-    model_output is the model at (x, tau). The second evaluation is at (x_euler, tau_next); frames
-    that end clean (tau_next <= 0) are shown there as their x_0 prediction at tau 0 and receive
-    that prediction (no correction: the drift is singular at s = 0). `show(x, tau)` maps the
-    second input to what the model sees (conditioning); identity when None.
+    model_output is the model at (x, tau). The second evaluation is at (x_euler, tau_next);
+    frames that end clean (tau_next = -1) receive their x_0 prediction (no correction: the drift
+    is singular there). evaluate(x, tau) -> (the input the model saw, its output): the model
+    call with conditioning and guidance, e.g. `lambda x, t: (x, model_fn(x, t))`.
     """
     drift, pred_xstart = _vp_drift(
-        sde, model_output, x, tau, probability_flow=True, clip_denoised=clip_denoised
+        schedule, model_output, x, tau, probability_flow=True, clip_denoised=clip_denoised
     )
-    h = _step_size(sde, tau, tau_next, x.ndim)
+    h = _lambda_step(schedule, tau, tau_next, x.ndim)
     ends = _ends_clean(tau_next, x.ndim)
     x_euler = jnp.where(ends, pred_xstart, x + h * drift)
     tau_2 = jnp.maximum(jnp.asarray(tau_next, jnp.float32), 0.0)
-    x_2 = x_euler if show is None else show(x_euler, tau_2)
+    x_2, out_2 = evaluate(x_euler, tau_2)
     drift_2, _ = _vp_drift(
-        sde, model_fn(x_2, tau_2), x_2, tau_2, probability_flow=True, clip_denoised=clip_denoised
+        schedule, out_2, x_2, tau_2, probability_flow=True, clip_denoised=clip_denoised
     )
     return jnp.where(ends, pred_xstart, x + 0.5 * h * (drift + drift_2)), pred_xstart
 
 
-def _check_schedule(x_T, taus, tau_next):
+def _check_inputs(x_T, taus, tau_next, cond):
     if x_T.ndim != 5:
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected (B, N, H, W, C)")
     want = (taus.shape[0],) + tuple(x_T.shape[:2]) if taus.ndim == 3 else None
@@ -280,6 +292,31 @@ def _check_schedule(x_T, taus, tau_next):
         raise ValueError(
             f"tau_next has shape {tuple(tau_next.shape)}; it must match taus {tuple(taus.shape)}"
         )
+    if cond is not None and (
+        tuple(cond.mask.shape) != tuple(x_T.shape[:2])
+        or tuple(cond.values.shape) != tuple(x_T.shape)
+    ):
+        raise ValueError(
+            f"cond mask {tuple(cond.mask.shape)} / values {tuple(cond.values.shape)} must be "
+            f"{tuple(x_T.shape[:2])} / {tuple(x_T.shape)}"
+        )
+
+
+def _two_calls(model_fn, channels):
+    """History guidance for a model_fn(x, tau) that knows nothing of it: a second call (it may
+    hold per-example state, e.g. labels of batch B, so the batch is not doubled)."""
+    def guided(x, tau, history: HistoryInput):
+        return combine(model_fn(x, tau), channels, history_free=model_fn(history.x, history.tau),
+                       history=history)
+
+    return guided
+
+
+def _takes_history(model_fn) -> bool:
+    try:
+        return "history" in inspect.signature(model_fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 def sample(
@@ -294,6 +331,7 @@ def sample(
     rng=None,
     cond=None,
     clip_denoised: bool = False,
+    history_guidance: HistoryGuidance | None = None,
     return_trajectory: bool = False,
 ):
     """Runs a whole per-frame schedule as one `lax.scan`. jit-friendly (see `make_sampler`).
@@ -301,12 +339,16 @@ def sample(
     model_fn(x (B, N, H, W, C), tau (B, N) original-scale float32) -> (B, N, H, W, C or 2C): eps
     first; with 2C channels DDPM uses the learned variance. x_T (B, N, H, W, C); taus and tau_next
     (S, B, N), original scale, tau_next = -1 ends a frame clean. sampler: 'ddpm' (ancestral),
-    'ddim' (eta), 'sde_euler' (reverse VP-SDE, Euler-Maruyama), 'ode_euler' / 'ode_heun'
-    (probability-flow ODE); the last three need the linear schedule (the paper's VP-SDE, beta
-    0.1 -> 20). rng: a PRNG key, required by 'ddpm', 'sde_euler' and 'ddim' with eta > 0 (noise
-    of step i = `step_noise(rng, i, x.shape)`); when None, conditioning noise uses key 0.
+    'ddim' (eta), 'sde_euler' (reverse SDE, Euler-Maruyama), 'ode_euler' / 'ode_heun'
+    (probability-flow ODE), the last three on `DiscreteVPSDE`. rng: a PRNG key, required by
+    'ddpm', 'sde_euler' and 'ddim' with eta > 0 (noise of step i = `step_noise(rng, i,
+    x.shape)`); when None, conditioning and guidance noise use key 0.
     cond: a `Conditioning` (or dict) or None; before the first step conditioning frames are set
     to their values (noised to their first tau when that is > 0 under 'replace').
+    history_guidance: a `HistoryGuidance` (guidance.py); active only with conditioning under
+    'hold' or 'replace' (without conditioning frames it does nothing). A model_fn with a
+    `history` keyword (`guidance.guided_model_fn`) receives the history-free input and guides
+    itself (with class guidance in one batched call); any other is called twice, at x and x_h.
     Returns x_0 (B, N, H, W, C), or (x_0, trajectory (S, B, N, H, W, C)) with return_trajectory.
     """
     if sampler not in SAMPLERS:
@@ -316,20 +358,20 @@ def sample(
         raise ValueError(
             f"sampler={sampler!r} (eta={eta}) draws noise: pass rng=jax.random.key(...)"
         )
-    sde = VPSDE.from_schedule(schedule) if sampler.startswith(("sde", "ode")) else None
     cond = as_conditioning(cond)
     x_T = jnp.asarray(x_T, jnp.float32)
     taus = jnp.asarray(taus, jnp.float32)
     tau_next = jnp.asarray(tau_next, jnp.float32)
-    _check_schedule(x_T, taus, tau_next)
-    if cond is not None and (
-        tuple(cond.mask.shape) != tuple(x_T.shape[:2])
-        or tuple(cond.values.shape) != tuple(x_T.shape)
-    ):
+    _check_inputs(x_T, taus, tau_next, cond)
+    guiding = history_guidance is not None and history_guidance.active and cond is not None
+    if guiding and cond.policy == "released":
         raise ValueError(
-            f"cond mask {tuple(cond.mask.shape)} / values {tuple(cond.values.shape)} must be "
-            f"{tuple(x_T.shape[:2])} / {tuple(x_T.shape)}"
+            "history guidance needs context frames the sampler keeps clean: policy 'hold' or "
+            "'replace' ('released' labels them like the other frames)"
         )
+    if guiding:
+        level = history_guidance.level(schedule.num_timesteps)
+        guided = model_fn if _takes_history(model_fn) else _two_calls(model_fn, x_T.shape[-1])
     key = jax.random.key(0) if rng is None else rng
     shape = x_T.shape
 
@@ -344,15 +386,24 @@ def sample(
                 values,
             )
             x = jnp.where(mask, first, x)
-        else:
+        else:  # 'hold' and 'released' (the clean latent written into x_T)
             x = jnp.where(mask, values, x)
 
     def body(x, inputs):
         i, tau, nxt = inputs
         zc = conditioning_noise(key, i, shape) if cond is not None else None
-        show = functools.partial(show_conditioning, schedule, cond=cond, noise=zc)
-        x_in = show(x, tau)
-        out = model_fn(x_in, tau)
+
+        def evaluate(x_raw, t):
+            """(what the model sees, its guided output) for the state x_raw at tau t."""
+            x_in = show_conditioning(schedule, x_raw, t, cond, zc)
+            if not guiding:
+                return x_in, model_fn(x_in, t)
+            x_h, tau_h = history_free_input(schedule, x_in, t, cond.mask, cond.values, level,
+                                            history_noise(key, i, shape))
+            history = HistoryInput(x_h, tau_h, cond.mask, float(history_guidance.scale))
+            return x_in, guided(x_in, t, history=history)
+
+        x_in, out = evaluate(x, tau)
         if sampler == "ddim":
             noise = step_noise(key, i, shape) if eta != 0.0 else None
             x_new, _ = ddim_step(
@@ -360,25 +411,17 @@ def sample(
             )
         elif sampler == "ddpm":
             x_new, _ = ddpm_step(
-                schedule,
-                out,
-                x_in,
-                tau,
-                nxt,
-                step_noise(key, i, shape),
-                learn_sigma=out.shape[-1] == 2 * shape[-1],
-                clip_denoised=clip_denoised,
+                schedule, out, x_in, tau, nxt, step_noise(key, i, shape),
+                learn_sigma=out.shape[-1] == 2 * shape[-1], clip_denoised=clip_denoised,
             )
         elif sampler == "sde_euler":
-            x_new, _ = sde_euler_step(
-                sde, out, x_in, tau, nxt, step_noise(key, i, shape), clip_denoised=clip_denoised
-            )
+            x_new, _ = sde_euler_step(schedule, out, x_in, tau, nxt, step_noise(key, i, shape),
+                                      clip_denoised=clip_denoised)
         elif sampler == "ode_euler":
-            x_new, _ = ode_euler_step(sde, out, x_in, tau, nxt, clip_denoised=clip_denoised)
+            x_new, _ = ode_euler_step(schedule, out, x_in, tau, nxt, clip_denoised=clip_denoised)
         else:
-            x_new, _ = ode_heun_step(
-                sde, model_fn, out, x_in, tau, nxt, clip_denoised=clip_denoised, show=show
-            )
+            x_new, _ = ode_heun_step(schedule, evaluate, out, x_in, tau, nxt,
+                                     clip_denoised=clip_denoised)
         if cond is not None and cond.policy == "hold":
             x_new = jnp.where(mask, values, x_new)
         return x_new, (x_new if return_trajectory else None)
@@ -395,12 +438,14 @@ def make_sampler(
     sampler: str = "ddim",
     eta: float = 0.0,
     clip_denoised: bool = False,
+    history_guidance: HistoryGuidance | None = None,
     return_trajectory: bool = False,
 ):
     """A jitted `sample` with the static choices bound: fn(x_T, taus, tau_next, rng=None,
     cond=None, params=None). It compiles once per (shapes, conditioning policy) and is reused
-    for every batch. With params, the model is called as model_fn(params, x, tau): pass large
-    weights this way, so that they are arguments of the compiled program, not constants in it.
+    for every batch. With params, the model is called as model_fn(params, x, tau) (plus
+    history=... when it takes it): pass large weights this way, so that they are arguments of
+    the compiled program, not constants in it.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
@@ -417,29 +462,8 @@ def make_sampler(
             rng=rng,
             cond=as_conditioning(cond),
             clip_denoised=clip_denoised,
+            history_guidance=history_guidance,
             return_trajectory=return_trajectory,
         )
 
     return jax.jit(run)
-
-
-def cfg_model_fn(apply_fn: Callable, labels, null_label: int, scale: float, in_channels: int):
-    """Classifier-free guidance as a model_fn(x, tau) for `sample` (official forward_with_cfg).
-
-    apply_fn(x (2B, ...), tau (2B, N), labels (2B,)) -> (2B, N, H, W, C or 2C). The batch is
-    doubled as [conditional; unconditional (null_label)]; the first in_channels output channels
-    become uncond + scale * (cond - uncond), the remaining (variance) channels are the
-    conditional half's. Returns (B, N, H, W, C or 2C).
-    """
-    labels = jnp.asarray(labels)
-
-    def model_fn(x, tau):
-        both_labels = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
-        out = apply_fn(
-            jnp.concatenate([x, x], axis=0), jnp.concatenate([tau, tau], axis=0), both_labels
-        )
-        cond_out, uncond_out = jnp.split(out, 2, axis=0)
-        c, u = cond_out[..., :in_channels], uncond_out[..., :in_channels]
-        return jnp.concatenate([u + scale * (c - u), cond_out[..., in_channels:]], axis=-1)
-
-    return model_fn

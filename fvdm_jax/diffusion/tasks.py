@@ -11,7 +11,9 @@ multiplier (Pusa): m = 0 (the paper) puts them at tau 0 / tau_next -1 at every s
 them down m * t -> m * t_next and ends them clean with the other frames. What the sampler does
 with them is the policy: 'hold' (default) shows them to the model as their clean values (noised
 to tau when tau > 0) and keeps them exact; 'replace' is the paper's form, as the official
-long-video loop (see `Conditioning`).
+long-video loop; 'released' is the released i2v / interpolation scripts' form: the given frames
+are written into x_T and labelled t like every other frame (no m), so the schedule is the
+uniform one (see `Conditioning`).
 
 `TASKS` (the registry at the end) names every task with its inputs and its schedule builder.
 
@@ -72,7 +74,8 @@ def condition_frames(
     """Generates N frames around K given clean ones. frames (B, K, H, W, C) go to `indices`.
 
     Returns (taus, tau_next, cond): generated frames follow t, conditioning frames m * t (m = 0:
-    tau 0 / tau_next -1 every step). Any-frame conditioning; the other tasks call this.
+    tau 0 / tau_next -1 every step), or t like the others under policy 'released'. Any-frame
+    conditioning; the other tasks call this.
     """
     check_video("frames", frames)
     check_positive(num_frames=num_frames)
@@ -80,15 +83,21 @@ def condition_frames(
         raise ValueError(f"noise_multiplier={noise_multiplier} must lie in [0, 1]")
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} is not one of {POLICIES}")
+    if policy == "released" and float(noise_multiplier) != 0.0:
+        raise ValueError(
+            f"noise_multiplier={noise_multiplier} has no meaning under policy 'released' (the "
+            f"given frames are labelled t like the others); use 0, or policy 'hold' / 'replace'"
+        )
     frames = jnp.asarray(frames, jnp.float32)
     batch, count = frames.shape[:2]
     idx = _check_indices(indices, num_frames, count)
 
     taus, tau_next = uniform_schedule(steps, batch, num_frames, num_timesteps=num_timesteps)
     m = float(noise_multiplier)
-    t, t_next = taus[:, :, idx], tau_next[:, :, idx]
-    taus[:, :, idx] = m * t
-    tau_next[:, :, idx] = -1.0 if m == 0.0 else np.where(t_next < 0, -1.0, m * t_next)
+    if policy != "released":
+        t, t_next = taus[:, :, idx], tau_next[:, :, idx]
+        taus[:, :, idx] = m * t
+        tau_next[:, :, idx] = -1.0 if m == 0.0 else np.where(t_next < 0, -1.0, m * t_next)
 
     mask = np.zeros((batch, num_frames), bool)
     mask[:, idx] = True
@@ -243,6 +252,11 @@ def progressive(
         return taus, tau_next, None
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} is not one of {POLICIES}")
+    if policy == "released":
+        raise ValueError(
+            "progressive gives frame 0 its own ramp (slope * t); policy 'released' labels the "
+            "given frame like the others: use policy 'hold' or 'replace'"
+        )
     image = jnp.asarray(image, jnp.float32)
     values = jnp.zeros((batch, num_frames) + image.shape[1:], jnp.float32).at[:, 0].set(image)
     mask = np.zeros((batch, num_frames), bool)

@@ -39,18 +39,107 @@ VERDICT_TASKS = ("generate", "i2v", "interpolate")
 BASELINES = ("noise", "shuffled", "real")
 
 
-def protocol_from_config(config, num_frames: int, resolution: int, num_videos: int | None = None) -> Protocol:
-    """The real-clip protocol of config.eval for clips of `num_frames` at `resolution`."""
+@dataclasses.dataclass(frozen=True)
+class NamedProtocol:
+    """An evaluation protocol by name (eval.protocol): the eval / sample values it fixes (None:
+    the config's), per dataset where the official scripts differ by dataset."""
+
+    name: str
+    origin: str  # where its numbers come from
+    tasks: tuple[str, ...] | None = None  # the eval.task values it scores (None: any)
+    task: str | None = None  # the task it runs (None: eval.task)
+    from_noise: bool = False  # a long video sampled from noise (no real context)
+    num_frames: int | None = None
+    subsample_factor: dict[str, int] | int | None = None  # by data.dataset, or for all
+    mirror: bool | None = None
+    clips: str = "stylegan_v"  # the real clips: 'stylegan_v' or 'sample_script' (videos.py)
+    frame_interval: dict[str, int] | None = None  # sample_script clips, by data.dataset
+    sample: tuple[tuple[str, int], ...] = ()  # sample.* keys it fixes
+
+    def value(self, table, dataset: str | None, key: str):
+        if not isinstance(table, dict):
+            return table
+        if dataset not in table:
+            raise ConfigError(f"eval.protocol={self.name} fixes {key} per dataset ({table}); set "
+                              f"data.dataset to one of {', '.join(table)}")
+        return table[dataset]
+
+
+# StyleGAN-V's fvd2048_* metric functions reset the dataset's xflip to False, whatever
+# calc_metrics_for_dataset.py's --mirror says: the official numbers were computed without mirror.
+PROTOCOLS = {p.name: p for p in (
+    NamedProtocol("stylegan_v", "StyleGAN-V's fvd2048_16f / fvd2048_128f, every knob from config.eval"),
+    NamedProtocol("official", "tools/eval_metrics_ucf101.sh and eval_metrics_taichi.sh: generation, "
+                  "fvd2048_16f, train frames, --subsample_factor 3 for UCF101 and Taichi",
+                  tasks=("generate",), num_frames=16, mirror=False,
+                  subsample_factor={"ffs": 1, "sky": 1, "ucf101": 3, "taichi": 3}),
+    NamedProtocol("latte", "Latte's maintainers: as 'official', Taichi at subsample factor 6",
+                  tasks=("generate",), num_frames=16, mirror=False,
+                  subsample_factor={"ffs": 1, "sky": 1, "ucf101": 3, "taichi": 6}),
+    NamedProtocol("official_long", "sample/sample_video_long.py without ground truth: 128 frames "
+                  "generated from noise, 16-frame chunks overlapping by 8, fvd2048_128f",
+                  tasks=("generate", "extend"), task="extend", from_noise=True, num_frames=128,
+                  subsample_factor=1, mirror=False, sample=(("total_frames", 128), ("overlap", 8))),
+    NamedProtocol("official_zero_shot", "tools/eval_metrics_zeroshot.sh: i2v / interpolation "
+                  "against the ground-truth clips of the sample script, --subsample_factor 1",
+                  tasks=("i2v", "interpolate"), num_frames=16, subsample_factor=1, mirror=False,
+                  clips="sample_script",
+                  frame_interval={"ffs": 2, "sky": 2, "taichi": 2, "ucf101": 3}),
+)}
+PROTOCOL_NAMES = tuple(PROTOCOLS)
+
+
+def resolve_protocol(config):
+    """(config with the eval / sample values that eval.protocol fixes, the NamedProtocol).
+    Each value it changes is logged once; a task the protocol does not score is a ConfigError."""
+    name = config.eval.get("protocol") or "stylegan_v"
+    if name not in PROTOCOLS:
+        raise ConfigError(f"eval.protocol={name!r} is unknown; use one of {', '.join(PROTOCOL_NAMES)}")
+    named = PROTOCOLS[name]
+    task = config.eval.task
+    if named.tasks is not None and task not in named.tasks:
+        raise ConfigError(f"eval.protocol={name} scores eval.task in {named.tasks}, not {task!r} "
+                          f"({named.origin}); change eval.task or eval.protocol")
+    dataset = config.data.get("dataset")
+    fixed = {"task": named.task, "num_frames": named.num_frames, "mirror": named.mirror,
+             "subsample_factor": named.value(named.subsample_factor, dataset, "eval.subsample_factor"),
+             "real_selection": "first" if name != "stylegan_v" else None}
+    resolved = config.copy_and_resolve_references()
+    changed = []
+    with resolved.unlocked():
+        for section, values in (("eval", fixed), ("sample", dict(named.sample))):
+            for key, value in values.items():
+                if value is not None and resolved[section][key] != value:
+                    changed.append(f"{section}.{key}={value!r} (was {resolved[section][key]!r})")
+                    resolved[section][key] = value
+    if changed:
+        logger.info("eval.protocol=%s (%s) sets %s", name, named.origin, ", ".join(changed))
+    return resolved, named
+
+
+def protocol_from_config(config, num_frames: int, resolution: int, num_videos: int | None = None,
+                         named: NamedProtocol | None = None) -> Protocol:
+    """The real-clip protocol of config.eval for clips of `num_frames` at `resolution`; `named`
+    (from resolve_protocol) chooses the real clips (None: StyleGAN-V's)."""
     ev = config.eval
+    clips, interval = "stylegan_v", 0
+    if named is not None and named.clips != "stylegan_v":
+        clips = named.clips
+        interval = int(named.value(named.frame_interval, config.data.get("dataset"), "the clips' frame_interval"))
     return Protocol(num_videos=int(num_videos or ev.num_videos), num_frames=num_frames,
                     subsample_factor=int(ev.subsample_factor), mirror=bool(ev.mirror),
-                    selection=str(ev.real_selection), resolution=int(resolution), seed=int(ev.seed))
+                    selection=str(ev.real_selection), resolution=int(resolution), seed=int(ev.seed),
+                    clips=clips, frame_interval=interval)
 
 
 def real_cache_path(cache_dir: str, real, protocol: Protocol, detector) -> tuple[str, dict]:
-    """The cache file of these real statistics and the key it is named after."""
+    """The cache file of these real statistics and the key it is named after (StyleGAN-V clips
+    keep the key they had before other clip kinds existed)."""
+    fields = dataclasses.asdict(protocol)
+    if protocol.clips == "stylegan_v":
+        fields = {k: v for k, v in fields.items() if k not in ("clips", "frame_interval")}
     key = {"version": PROTOCOL_VERSION, "detector": detector.name, "real": real.identity(),
-           "count": len(real), **dataclasses.asdict(protocol)}
+           "count": len(real), **fields}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     name = f"real_fvd{len(real)}_{protocol.num_frames}f_{digest}.npz"
     return os.path.join(cache_dir, name), key
@@ -104,16 +193,16 @@ def _keep(keep: list | None, videos: np.ndarray, limit: int) -> None:
 
 def generated_features(sampler, num_videos: int, num_frames: int, detector, batch_size: int,
                        seed: int, per_call: int, params=None, keep: list | None = None,
-                       keep_count: int = 0) -> FeatureStats:
-    """Statistics of `num_videos` videos of task 'generate', sampled `per_call` at a time
-    (sample.batch_size) with keys fold_in(key(seed), k); labels as the sampler draws them
-    (uniform classes for class-conditional models). params: None = the sampler's own.
-    keep: a list that receives the first `keep_count` uint8 videos."""
+                       keep_count: int = 0, task: str = "generate") -> FeatureStats:
+    """Statistics of `num_videos` videos of `task` sampled from noise ('generate'; 'extend' with no
+    context: a long video), `per_call` at a time (sample.batch_size) with keys
+    fold_in(key(seed), k); labels as the sampler draws them (uniform classes for class-conditional
+    models). params: None = the sampler's own. keep: receives the first `keep_count` uint8 videos."""
     key, stats, done = jax.random.key(seed), None, 0
-    bar = files.progress(num_videos, "generated features")
+    bar = files.progress(num_videos, f"{task} features")
     for k in range(math.ceil(num_videos / per_call)):
         extra = {} if params is None else {"params": params}
-        videos = np.asarray(sampler.run("generate", jax.random.fold_in(key, k), batch_size=per_call, **extra))
+        videos = np.asarray(sampler.run(task, jax.random.fold_in(key, k), batch_size=per_call, **extra))
         check_generated_frames(videos.shape[1], num_frames, "the sampler")
         take = min(per_call, num_videos - done)
         quantized = to_uint8(videos[:take, :num_frames])

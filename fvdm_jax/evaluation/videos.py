@@ -1,4 +1,5 @@
-"""The video sets of FVD: StyleGAN-V's real-clip protocol and generated videos as uint8 clips.
+"""The video sets of FVD: StyleGAN-V's real-clip protocol, the official sample scripts' ground
+truth clips, and generated videos as uint8 clips.
 
 Real videos: items are every video, then (with mirror) every video flipped; the first
 `num_videos` items ('first', StyleGAN-V's order) or a seeded subset ('random'); each item is a
@@ -297,9 +298,66 @@ class DemoClips:
         return signed_to_uint8(example["video"]), int(example["label"])
 
 
+class SampleScriptClips:
+    """The ground-truth clips that the official sample scripts (sample/sample_video_i2v.py,
+    sample_video_interpolation.py) condition on and save beside their videos (`<out>_GT`), which
+    the official zero-shot FVD compares with: the training loader's clips (the dataset's window
+    of num_frames x frame_interval, its frame choice, flip and resize: fvdm_jax.data.clips) at
+    the sample config's frame_interval. The loader runs unshuffled and restarts until it has
+    num_videos clips, so item i is video i mod V in folder order, drawn with RNG (seed, i); no
+    mirror items."""
+
+    def __init__(self, root: str, *, dataset: str | None, split: str | None, num_frames: int,
+                 frame_interval: int, resolution: int, num_videos: int, seed: int, labels: bool,
+                 class_ids: str = "sorted"):
+        from fvdm_jax.data.folder import VideoFolderSource
+
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"real videos folder {root} does not exist; set eval.real_path")
+        split = None if split in (None, "", "all") else split
+        kwargs = dict(dataset=dataset or "ffs", num_frames=num_frames, frame_interval=frame_interval,
+                      image_size=resolution, seed=seed, labels=labels, class_ids=class_ids)
+        try:
+            self.source = VideoFolderSource(root, split=split, **kwargs)
+        except FileNotFoundError:
+            if split is None:
+                raise
+            logger.warning("%s has no %s split (no split files, no %s/ folder): using all videos",
+                           root, split, split)
+            split = None
+            self.source = VideoFolderSource(root, split=None, **kwargs)
+        if not len(self.source):
+            raise ConfigError(f"no video under {root} has the frames a {num_frames}-frame clip at "
+                              f"frame_interval {frame_interval} needs")
+        self.root, self.dataset, self.split = root, dataset, split or "all"
+        self.frame_interval, self.count = frame_interval, int(num_videos)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def identity(self) -> dict:
+        listing = hashlib.sha256("\n".join(f"{e.relative_path}\t{e.num_frames}"
+                                            for e in self.source.entries).encode()).hexdigest()
+        return {"source": "sample_script", "root": os.path.abspath(self.root), "dataset": self.dataset,
+                "split": self.split, "videos": len(self.source), "listing_sha256": listing}
+
+    def describe(self) -> str:
+        return (f"{self.root} ({self.split} split): the official sample script's ground-truth clips, "
+                f"{self.count} from {len(self.source)} videos at frame_interval {self.frame_interval}")
+
+    def read(self, index: int):
+        example = self.source[index]
+        return signed_to_uint8(example["video"]), int(example["label"])
+
+
+REAL_CLIPS = ("stylegan_v", "sample_script")
+
+
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-    """Everything that defines the real statistics besides the source and the detector."""
+    """Everything that defines the real statistics besides the source and the detector.
+    clips: 'stylegan_v' (the clip rule of the module docstring) or 'sample_script'
+    (`SampleScriptClips`, at frame_interval)."""
 
     num_videos: int
     num_frames: int
@@ -308,6 +366,8 @@ class Protocol:
     selection: str
     resolution: int
     seed: int
+    clips: str = "stylegan_v"
+    frame_interval: int = 0  # sample_script clips only
 
 
 def open_real(config, protocol: Protocol, labels: bool = False):
@@ -327,9 +387,18 @@ def open_real(config, protocol: Protocol, labels: bool = False):
         options = demo_options(config.data) if config.data.source == "demo" else {}
         if labels:
             options["label_by_clip"] = True  # the clip id: the demo model's class
-        return DemoClips(num_frames=protocol.num_frames, subsample_factor=protocol.subsample_factor,
+        stride = protocol.frame_interval if protocol.clips == "sample_script" else protocol.subsample_factor
+        return DemoClips(num_frames=protocol.num_frames, subsample_factor=stride,
                          resolution=protocol.resolution, num_videos=protocol.num_videos,
                          seed=protocol.seed, options=options)
+    if protocol.clips == "sample_script":
+        return SampleScriptClips(
+            path, dataset=config.data.get("dataset"), split=config.eval.split,
+            num_frames=protocol.num_frames, frame_interval=protocol.frame_interval,
+            resolution=protocol.resolution, num_videos=protocol.num_videos, seed=protocol.seed,
+            labels=labels, class_ids=config.data.get("class_ids") or "sorted")
+    if protocol.clips != "stylegan_v":
+        raise ConfigError(f"real clips {protocol.clips!r} are unknown; use one of {REAL_CLIPS}")
     return RealFolderClips(
         path, dataset=config.data.get("dataset"), split=config.eval.split,
         num_frames=protocol.num_frames, subsample_factor=protocol.subsample_factor,

@@ -1,27 +1,41 @@
-"""The PTSS ablation: one model per PTSS probability p on the same data, seed and step count, each
-evaluated by FVD on generate, i2v, interpolate and extend (twice the trained length).
+"""The training-timestep experiment: one model per scheme (PTSS at several p by default) on the
+same data, seed and step count, each evaluated by FVD on generate, i2v, interpolate and extend
+(twice the trained length).
 
-    python -m fvdm_jax.experiments.ptss --data=DIR --out=OUT [--p=0,0.2,0.5,1] [--steps=N]
-        [--seed=S] [--config=configs/demo.py] [--tasks=generate,i2v,interpolate,extend]
-        [--eval_seeds=0,1] [--num_videos=32] [--dataset=ffs] [--set=section.key=value ...]
+    python -m fvdm_jax.experiments.ptss --data=DIR --out=OUT [--p=0,0.2,0.5,1 | --schemes=...]
+        [--history_guidance=0,1.5,3] [--steps=N] [--seed=S] [--config=configs/demo.py]
+        [--tasks=generate,i2v,interpolate,extend] [--eval_seeds=0,1] [--num_videos=32]
+        [--dataset=ffs] [--set=section.key=value ...]
 
 DIR is a folder of videos or frame folders (the video_folder source, with --dataset's clip rules,
 >= 8 usable videos), or `demo` for the shipped clips (the demo source as the config sets it up,
 without its held-out frames: as for a folder, FVD's real clips are drawn from the training clips).
-The recipe is the config's (configs/demo.py unless --config): only ptss.p, train.num_steps and
-the seeds differ between the models. Each model trains in OUT/p<p>/ (an ordinary workdir: it
-resumes, and `--mode=sample` works on it); each (p, task, evaluation seed) FVD is stored in
-OUT/p<p>/fvd/<task>_seed<s>.json, so a rerun skips finished models and evaluations.
+The recipe is the config's (configs/demo.py unless --config): only ptss.scheme, ptss.p,
+train.num_steps and the seeds differ between the models.
 
-FVD: `--num_videos` generated videos per (p, task, seed) against real clips of DIR (StyleGAN-V's
-protocol: the train split, every video then its mirror image), 16 frames (the model's
-window) and, for extend, twice the window: the model continues the first half of a real clip of
-that length. The real clips of an evaluation seed are the same for every p, and i2v, interpolate
-and extend are conditioned on them. Outputs:
-  OUT/results.json  every (p, task, seed) row
-  OUT/results.md    the p x task table: mean FVD over the evaluation seeds and their spread
-  OUT/results.png   FVD vs p, one line per task (the spread as error bars)
-  OUT/sheets/p<p>_<task>.png  the first evaluated videos of each (p, task), enlarged
+--schemes lists the models as scheme[:p] over the `ptss.scheme` registry, e.g.
+`--schemes=ptss:0.2,ptss:0,independent,fopp,ptss_fopp:0.5` (ptss or ptss_fopp without :p take the
+config's ptss.p; independent and fopp have no coin and take no p). `--p=0,0.2` is shorthand for
+`--schemes=ptss:0,ptss:0.2`, and `--p=0,0.2,0.5,1` is the default. `--history_guidance=0,1.5,3`
+evaluates the zero-shot tasks (i2v, interpolate, extend) once per scale of
+sample.history_guidance (0 = off); generate has no history frames and is evaluated once.
+
+Each model trains in OUT/<run>/ (p<p> for PTSS, as earlier versions named it; independent, fopp,
+ptss_fopp_p<p>): an ordinary workdir that resumes, and `--mode=sample` works on it. Each FVD is
+stored in OUT/<run>/fvd/<task>_seed<s>.json (<task>_hg<g>_seed<s>.json with history guidance
+g > 0; _hg<g>_fractional<tau> in sample.history_guidance_mode=fractional), so a rerun skips
+finished models and evaluations.
+
+FVD: `--num_videos` generated videos per (run, task, guidance, seed) against real clips of DIR
+(StyleGAN-V's protocol: the train split, every video then its mirror image), 16 frames (the
+model's window) and, for extend, twice the window: the model continues the first half of a real
+clip of that length. The real clips of an evaluation seed are the same for every run, and i2v,
+interpolate and extend are conditioned on them. Outputs:
+  OUT/results.json  every row
+  OUT/results.md    the run (x guidance) x task table: mean FVD over the evaluation seeds and
+                    their spread (the p x task table when every run is PTSS)
+  OUT/results.png   FVD per run (vs p when every run is PTSS), one line per task (and guidance)
+  OUT/sheets/<run>_<task>[_hg<g>].png  the first evaluated videos of each, enlarged
 """
 
 from __future__ import annotations
@@ -39,7 +53,17 @@ from pathlib import Path
 import numpy as np
 
 from fvdm_jax import files
+from fvdm_jax.diffusion.schemes import COIN_SCHEMES, SCHEMES
 from fvdm_jax.diffusion.tasks import EVAL_TASKS, get_task
+from fvdm_jax.experiments.results import (
+    Run,
+    evaluations,
+    fvd_name,
+    guidance_tag,
+    results_markdown,
+    results_plot,
+    summarize,
+)
 
 TASKS = EVAL_TASKS  # the tasks evaluation can score (fvdm_jax/diffusion/tasks.py)
 MIN_VIDEOS = 8
@@ -53,10 +77,19 @@ class ExperimentError(ValueError):
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m fvdm_jax.experiments.ptss",
-        description="Train one model per PTSS probability p and compare their FVDs.")
+        description="Train one model per training timestep scheme (PTSS p by default) and "
+                    "compare their FVDs.")
     parser.add_argument("--data", required=True, help="a folder of videos, or 'demo'")
     parser.add_argument("--out", required=True, help="output folder (resumable)")
-    parser.add_argument("--p", default="0,0.2,0.5,1", help="PTSS probabilities, comma-separated")
+    parser.add_argument("--p", default=None,
+                        help="PTSS probabilities, comma-separated (default 0,0.2,0.5,1): "
+                             "--schemes=ptss:P,... in short")
+    parser.add_argument("--schemes", default=None, metavar="SCHEME[:P],...",
+                        help=f"models as scheme[:p], scheme one of {','.join(SCHEMES)}, "
+                             "e.g. ptss:0.2,ptss:0,independent,fopp")
+    parser.add_argument("--history_guidance", default=None, metavar="G,...",
+                        help="history guidance scales of the zero-shot tasks (sample.history_guidance; "
+                             "0 = off), e.g. 0,1.5,3")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument("--seed", type=int, default=0, help="model, data and noise seed of every run")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the recipe (a configs/*.py file)")
@@ -86,14 +119,58 @@ def _value(text):
         return text
 
 
-def check_args(args) -> tuple[list[float], list[str], list[int]]:
-    """(p values, tasks, evaluation seeds), or ExperimentError naming the bad argument."""
-    ps = _floats(args.p, "p")
-    bad = [p for p in ps if not 0.0 <= p <= 1.0 or math.isnan(p)]
-    if bad:
-        raise ExperimentError(f"--p={args.p}: every p must be in [0, 1] (got {bad})")
-    if len(set(ps)) != len(ps):
-        raise ExperimentError(f"--p={args.p} repeats a value")
+def parse_schemes(text: str) -> list[Run]:
+    """'ptss:0.2,independent,...' -> runs (p None where the item gives none), or ExperimentError."""
+    runs = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        scheme, colon, value = item.partition(":")
+        if scheme not in SCHEMES:
+            raise ExperimentError(f"--schemes={text}: unknown scheme {scheme!r}; use some of "
+                                  f"{','.join(SCHEMES)}, each as scheme[:p]")
+        if not colon:
+            runs.append(Run(scheme, None))
+            continue
+        if scheme not in COIN_SCHEMES:
+            raise ExperimentError(f"--schemes={text}: {scheme} has no coin and takes no p; write "
+                                  f"{scheme} (p applies to {', '.join(COIN_SCHEMES)})")
+        try:
+            p = float(value)
+        except ValueError:
+            raise ExperimentError(f"--schemes={text}: {item!r} needs a number after ':', e.g. "
+                                  f"{scheme}:0.2") from None
+        if not 0.0 <= p <= 1.0 or math.isnan(p):
+            raise ExperimentError(f"--schemes={text}: every p must be in [0, 1] (got {item})")
+        runs.append(Run(scheme, p))
+    if not runs:
+        raise ExperimentError("--schemes is empty; give e.g. --schemes=ptss:0.2,fopp")
+    return runs
+
+
+def check_args(args) -> tuple[list[Run], list[str], list[int], list[float] | None]:
+    """(runs, tasks, evaluation seeds, history guidance scales or None), or ExperimentError
+    naming the bad argument. A PTSS run without p has p None until `resolve_runs`."""
+    if args.p is not None and args.schemes is not None:
+        raise ExperimentError(f"give --p or --schemes, not both (--p={args.p} is "
+                              f"--schemes={','.join('ptss:' + v.strip() for v in args.p.split(','))})")
+    if args.schemes is None:
+        text = "0,0.2,0.5,1" if args.p is None else args.p
+        ps = _floats(text, "p")
+        bad = [p for p in ps if not 0.0 <= p <= 1.0 or math.isnan(p)]
+        if bad:
+            raise ExperimentError(f"--p={text}: every p must be in [0, 1] (got {bad})")
+        if len(set(ps)) != len(ps):
+            raise ExperimentError(f"--p={text} repeats a value")
+        runs = [Run("ptss", p) for p in ps]
+    else:
+        runs = parse_schemes(args.schemes)
+    guidances = None
+    if args.history_guidance is not None:
+        guidances = _floats(args.history_guidance, "history_guidance")
+        if any(g < 0 or math.isnan(g) for g in guidances) or len(set(guidances)) != len(guidances):
+            raise ExperimentError(f"--history_guidance={args.history_guidance}: give distinct "
+                                  f"scales >= 0 (0 = off), e.g. 0,1.5,3")
     if args.steps is not None and args.steps < 1:
         raise ExperimentError(f"--steps={args.steps} must be >= 1")
     if args.num_videos < 2:
@@ -108,11 +185,42 @@ def check_args(args) -> tuple[list[float], list[str], list[int]]:
         raise ExperimentError(f"--eval_seeds={args.eval_seeds!r}: give integers, e.g. 0,1") from None
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ExperimentError(f"--eval_seeds={args.eval_seeds}: give distinct integers >= 0")
-    return ps, tasks, seeds
+    return runs, tasks, seeds, guidances
+
+
+def resolve_runs(runs: list[Run], config) -> list[Run]:
+    """Gives a coin scheme without p the config's ptss.p; ExperimentError on a repeated run."""
+    resolved = [Run(r.scheme, float(config.ptss.p)) if r.p is None and r.scheme in COIN_SCHEMES
+                else r for r in runs]
+    names = [r.name for r in resolved]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ExperimentError(f"the runs repeat {', '.join(repeated)} (a scheme without :p takes "
+                              f"the config's ptss.p={config.ptss.p:g}); list each model once")
+    return resolved
+
+
+def run_config(config, run: Run):
+    """The recipe of one model: the base config with the run's scheme (and p)."""
+    model_config = config.copy_and_resolve_references()
+    model_config.ptss.scheme = run.scheme
+    if run.p is not None:
+        model_config.ptss.p = float(run.p)
+    return model_config
+
+
+def guided_config(config, guidance: float | None):
+    """The config a task is sampled with: sample.history_guidance set where it is an axis."""
+    if guidance is None or "history_guidance" not in config.sample:
+        return config
+    guided = config.copy_and_resolve_references()
+    guided.sample.history_guidance = float(guidance)
+    return guided
 
 
 def base_config(args):
-    """The recipe with the data, seeds and overrides applied (ptss.p is set per model)."""
+    """The recipe with the data, seeds and overrides applied (ptss.scheme and p are set per
+    model)."""
     from fvdm_jax.config_utils import load_config
 
     if not os.path.isfile(args.config):
@@ -187,10 +295,6 @@ def check_data(config) -> str:
     return source.describe()
 
 
-def p_name(p: float) -> str:
-    return f"p{p:g}"
-
-
 def _read_json(path: str):
     with open(path) as f:
         return json.load(f)
@@ -213,7 +317,7 @@ def train_model(config, workdir: str) -> None:
 
 
 class RealSets:
-    """The real clips and statistics of one (frames, seed), shared by every p."""
+    """The real clips and statistics of one (frames, seed), shared by every run."""
 
     def __init__(self, config, detector, batch: int, cache_dir: str, resolution: int):
         self.config, self.detector, self.batch = config, detector, batch
@@ -236,127 +340,99 @@ class RealSets:
         return self._sets[key]
 
 
-def evaluate_model(config, workdir: str, p: float, tasks, seeds, num_videos: int, reals: RealSets,
-                   sheets_dir: str) -> list[dict]:
-    """The FVD rows of one model, computing only those not stored yet."""
+def evaluate_model(config, workdir: str, run: Run, tasks, seeds, guidances, num_videos: int,
+                   reals: RealSets, sheets_dir: str) -> list[dict]:
+    """The FVD rows of one model, computing only those not stored yet. guidances: the history
+    guidance scales of the zero-shot tasks."""
     from fvdm_jax import media
     from fvdm_jax.evaluation.features import task_features
     from fvdm_jax.evaluation.fvd import detector_batch_size, fvd_from_stats
     from fvdm_jax.sampling.sampler import VideoSampler
     from fvdm_jax.sampling.weights import load_sampling_params
 
-    rows, sampler = [], None
+    rows, samplers, weights = [], {}, None
     window = int(config.model.num_frames)
-    for task in tasks:
-        for seed in seeds:
-            path = os.path.join(workdir, "fvd", f"{task}_seed{seed}.json")
-            if os.path.isfile(path):
-                rows.append(_read_json(path))
-                continue
-            if sampler is None:
-                model_config, diffusion_config, params = load_sampling_params(config, workdir)
-                sampler = VideoSampler.from_config(config, params, model_config=model_config,
-                                                   diffusion_config=diffusion_config)
-            frames = 2 * window if get_task(task).long else window
-            task_config = config.copy_and_resolve_references()
-            if get_task(task).long:
-                task_config.sample.total_frames = frames
-            batch = detector_batch_size(int(config.eval.batch_size), frames, reals.detector.batch_divisor)
-            real, real_stats = reals.get(frames, seed, num_videos)
-            keep, clock = [], time.perf_counter()
-            stats = task_features(task_config, sampler, reals.detector, batch, real, real_stats, task,
-                                  num_videos, frames, seed, keep=keep,
-                                  conditional=sampler.num_classes > 0)
-            row = {"p": p, "task": task, "seed": seed, "fvd": fvd_from_stats(real_stats, stats),
-                   "num_generated": int(stats.count), "num_real": int(real_stats.count),
-                   "num_frames": frames, "steps": int(config.train.num_steps),
-                   "seconds": time.perf_counter() - clock, "detector": reals.detector.name}
-            files.write_json(path, row)
-            rows.append(row)
-            if seed == seeds[0] and keep:
-                videos = np.stack(keep)
-                scale = media.sheet_scale(videos.shape[2], int(config.sample.get("sheet_frame_size", 1)))
-                os.makedirs(sheets_dir, exist_ok=True)
-                media.write_png(os.path.join(sheets_dir, f"{p_name(p)}_{task}.png"),
-                                media.frame_grid(videos, scale=scale))
-            logging.info("p=%g %s seed %d: FVD %.1f", p, task, seed, row["fvd"])
+    for task, guidance, seed in evaluations(tasks, seeds, guidances):
+        label = {"run": run.name, "scheme": run.scheme, "p": run.p, "history_guidance": guidance}
+        if guidance:
+            label["history_guidance_mode"] = config.sample.get("history_guidance_mode", "vanilla")
+            label["history_noise_level"] = config.sample.get("history_noise_level")
+        tag = guidance_tag(config, guidance)
+        path = os.path.join(workdir, fvd_name(task, seed, tag))
+        if os.path.isfile(path):
+            stored = _read_json(path)
+            for key, value in label.items():  # rows stored by earlier versions lack these keys
+                stored.setdefault(key, value)
+            rows.append(stored)
+            continue
+        sample_config = guided_config(config, guidance)
+        hg_scale = float(sample_config.sample.get("history_guidance", 0.0) or 0.0)
+        if hg_scale not in samplers:  # one sampler per scale: generate shares the unguided one
+            if weights is None:
+                weights = load_sampling_params(config, workdir)
+            model_config, diffusion_config, params = weights
+            samplers[hg_scale] = VideoSampler.from_config(sample_config, params, model_config=model_config,
+                                                       diffusion_config=diffusion_config)
+        sampler = samplers[hg_scale]
+        frames = 2 * window if get_task(task).long else window
+        task_config = sample_config.copy_and_resolve_references()
+        if get_task(task).long:
+            task_config.sample.total_frames = frames
+        batch = detector_batch_size(int(config.eval.batch_size), frames, reals.detector.batch_divisor)
+        real, real_stats = reals.get(frames, seed, num_videos)
+        keep, clock = [], time.perf_counter()
+        stats = task_features(task_config, sampler, reals.detector, batch, real, real_stats, task,
+                              num_videos, frames, seed, keep=keep,
+                              conditional=sampler.num_classes > 0)
+        row = {**label, "task": task, "seed": seed, "fvd": fvd_from_stats(real_stats, stats),
+               "num_generated": int(stats.count), "num_real": int(real_stats.count),
+               "num_frames": frames, "steps": int(config.train.num_steps),
+               "seconds": time.perf_counter() - clock, "detector": reals.detector.name}
+        files.write_json(path, row)
+        rows.append(row)
+        if seed == seeds[0] and keep:
+            videos = np.stack(keep)
+            scale = media.sheet_scale(videos.shape[2], int(config.sample.get("sheet_frame_size", 1)))
+            os.makedirs(sheets_dir, exist_ok=True)
+            media.write_png(os.path.join(sheets_dir, f"{run.name}_{task}{tag}.png"),
+                            media.frame_grid(videos, scale=scale))
+        logging.info("%s %s%s seed %d: FVD %.1f", run.label, task,
+                     f" (history guidance {guidance:g})" if guidance else "", seed, row["fvd"])
     return rows
-
-
-def summarize(rows: list[dict], ps, tasks) -> dict:
-    """{(p, task): (mean, spread, count)} with spread = max - min over the evaluation seeds."""
-    table = {}
-    for p in ps:
-        for task in tasks:
-            values = [r["fvd"] for r in rows if r["p"] == p and r["task"] == task]
-            if values:
-                table[(p, task)] = (sum(values) / len(values), max(values) - min(values), len(values))
-    return table
-
-
-def results_markdown(table: dict, ps, tasks, info: dict) -> str:
-    lines = [f"# PTSS ablation: FVD (lower is better), mean over {info['num_seeds']} evaluation seeds "
-             f"(± half the max-min spread)", "",
-             f"data: {info['data']}  ", f"recipe: {info['config']}, {info['steps']} steps, seed "
-             f"{info['seed']}; {info['num_videos']} videos per FVD; {info['frames']} frames (extend: "
-             f"{2 * info['frames']})", "",
-             "| p | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for p in ps:
-        cells = []
-        for task in tasks:
-            mean, spread, _ = table.get((p, task), (float("nan"), float("nan"), 0))
-            best = min(table.get((q, task), (float("inf"),))[0] for q in ps)
-            text = f"{mean:.1f} ± {spread / 2:.1f}"
-            cells.append(f"**{text}**" if mean == best else text)
-        lines.append(f"| {p:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def results_plot(table: dict, ps, tasks, path: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        logging.warning("no results plot (%s): pip install matplotlib", error)
-        return None
-    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for task in tasks:
-        xs = [p for p in ps if (p, task) in table]
-        means = [table[(p, task)][0] for p in xs]
-        errors = [table[(p, task)][1] / 2 for p in xs]
-        axis.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=task)
-    axis.set_xlabel("PTSS probability p")
-    axis.set_ylabel("FVD (lower is better)")
-    axis.set_title("PTSS ablation")
-    axis.grid(True, alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    with files.atomic_path(path) as temporary:
-        figure.savefig(temporary)
-    plt.close(figure)
-    return path
 
 
 def run(argv) -> dict:
     """The whole experiment; returns the summary written to OUT/results.json."""
     args = parse_args(argv)
-    ps, tasks, seeds = check_args(args)
+    runs, tasks, seeds, guidance_flag = check_args(args)
     config = base_config(args)
+    runs = resolve_runs(runs, config)
+    has_key = "history_guidance" in config.sample
+    if guidance_flag is not None and any(guidance_flag) and not has_key:
+        raise ExperimentError(f"--history_guidance={args.history_guidance}: the config has no "
+                              f"sample.history_guidance (its sampler has no history guidance); "
+                              f"drop the flag or use a version whose configs/default.py has it")
+    # Without the flag the zero-shot tasks run at the config's scale, and no guidance axis is shown.
+    guidances = guidance_flag or [float(config.sample.get("history_guidance", 0.0) or 0.0)]
     described = check_data(config)
     import jax
 
     from fvdm_jax import sharding as shd
     from fvdm_jax.evaluation.fvd import detector_batch_size, load_detector
+    from fvdm_jax.sampling.sampler import validate_sample_config
     from fvdm_jax.train import validate_config
 
-    try:
-        validate_config(config, near=args.config)
+    try:  # every model's recipe and every guidance scale's sampling, before anything trains
+        for item in runs:
+            validate_config(run_config(config, item), near=args.config)
+        for guidance in guidances:
+            validate_sample_config(guided_config(config, guidance).sample, config.model)
     except ValueError as error:
         raise ExperimentError(str(error)) from None
     os.makedirs(args.out, exist_ok=True)
-    logging.info("PTSS ablation: p=%s, tasks %s, eval seeds %s; data: %s", ps, tasks, seeds, described)
+    logging.info("training timestep experiment: %s, tasks %s, eval seeds %s%s; data: %s",
+                 ", ".join(r.label for r in runs), tasks, seeds,
+                 f", history guidance {guidances}" if guidance_flag else "", described)
     started = time.perf_counter()
     mesh = shd.make_mesh(config.mesh)
     detector = load_detector(config.eval.detector, mesh, shd.rules_from_config(config.mesh))
@@ -365,30 +441,34 @@ def run(argv) -> dict:
     resolution = int(config.model.input_size)
     reals = RealSets(config, detector, batch, os.path.join(args.out, "fvd_cache"), resolution)
     rows = []
-    for p in ps:
-        model_config = config.copy_and_resolve_references()
-        model_config.ptss.p = float(p)
-        workdir = os.path.join(args.out, p_name(p))
-        evaluated = all(os.path.isfile(os.path.join(workdir, "fvd", f"{t}_seed{s}.json"))
-                        for t in tasks for s in seeds)
+    for item in runs:
+        model_config = run_config(config, item)
+        workdir = os.path.join(args.out, item.name)
+        evaluated = all(os.path.isfile(os.path.join(workdir, fvd_name(t, s, guidance_tag(config, g))))
+                        for t, g, s in evaluations(tasks, seeds, guidances))
         if not evaluated:  # a model whose FVDs are all stored needs no weights (nor training)
             train_model(model_config, workdir)
-        rows += evaluate_model(model_config, workdir, p, tasks, seeds, args.num_videos, reals,
-                               os.path.join(args.out, "sheets"))
-    table = summarize(rows, ps, tasks)
+        rows += evaluate_model(model_config, workdir, item, tasks, seeds, guidances, args.num_videos,
+                               reals, os.path.join(args.out, "sheets"))
+    table = summarize(rows, runs, tasks, guidances)
+    axis = guidance_flag is not None
     info = {"data": described, "config": args.config, "steps": int(config.train.num_steps),
             "seed": args.seed, "num_videos": args.num_videos, "num_seeds": len(seeds),
-            "frames": int(config.model.num_frames)}
+            "frames": int(config.model.num_frames), "runs": [r.label for r in runs],
+            "history_guidance": guidances if axis else None}
+    by_name = {r.name: r for r in runs}
     summary = {"info": info, "rows": rows, "command": " ".join(["python -m fvdm_jax.experiments.ptss"] + list(argv)),
                "seconds_this_run": time.perf_counter() - started,
                "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-               "table": [{"p": p, "task": t, "mean": m, "spread": s, "seeds": n}
-                         for (p, t), (m, s, n) in table.items()]}
+               "table": [{"run": name, "scheme": by_name[name].scheme, "p": by_name[name].p,
+                          "history_guidance": g, "task": t, "mean": m, "spread": s, "seeds": n}
+                         for (name, t, g), (m, s, n) in table.items()]}
     if jax.process_index() == 0:
         files.write_json(os.path.join(args.out, "results.json"), summary)
-        markdown = results_markdown(table, ps, tasks, info)
+        markdown = results_markdown(table, runs, tasks, info, guidances, guidance_axis=axis)
         files.write_text(os.path.join(args.out, "results.md"), markdown)
-        results_plot(table, ps, tasks, os.path.join(args.out, "results.png"))
+        results_plot(table, runs, tasks, os.path.join(args.out, "results.png"), guidances,
+                     guidance_axis=axis)
         print(markdown, flush=True)
         print(f"results: {args.out}/results.{{json,md,png}}; sheets: {args.out}/sheets/", flush=True)
     return summary

@@ -53,10 +53,13 @@ class FrameEncoder:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.params = jax.device_put(params, replicated)
         self._sharding = NamedSharding(self.mesh, PartitionSpec("batch"))
-        self._encode = jax.jit(
-            lambda p, x: self.vae.apply(p, x, method=AutoencoderKL.encode),
-            in_shardings=(replicated, self._sharding),
-        )
+        self.traces = 0  # how many times the encoder was traced: 1 for a whole job
+
+        def encode(p, x):
+            self.traces += 1  # runs only while tracing
+            return self.vae.apply(p, x, method=AutoencoderKL.encode)
+
+        self._encode = jax.jit(encode, in_shardings=(replicated, self._sharding))
 
     def __call__(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, S, S, 3) in [-1, 1] -> (mean, logvar), each (N, S/8, S/8, C) float32."""

@@ -15,6 +15,8 @@ Protocol (docs/evaluation.md has the details and what is verified):
   the Kinetics-400 I3D (`i3d_logits`: 400 logits averaged over time), sharded over the mesh's batch
   axes; statistics and the Frechet distance are those of fvdm_jax/evaluation/fvd.py.
 Real statistics are cached in `eval.cache_dir` under a key of everything that defines them.
+`eval.protocol` names the protocol of a published number (fvdm_jax/evaluation/features.py
+PROTOCOLS): it fixes the task, frames, stride, mirror and real clips before anything runs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import jax
 
-from fvdm_jax import files
+from fvdm_jax import files, metrics
 from fvdm_jax import sharding as shd
 from fvdm_jax.diffusion import tasks
 from fvdm_jax.errors import ConfigError
@@ -92,13 +94,11 @@ def append_record(workdir: str, record: dict) -> None:
 
 
 def write_tensorboard(workdir: str, step: int, scalars: dict) -> bool:
-    """TensorBoard scalars through clu when it imports (it needs tensorflow); False otherwise."""
-    try:
-        from clu import metric_writers
-    except ImportError as error:
-        logger.warning("clu writers unavailable (%s); FVD is in %s only", error, EVAL_FILE)
+    """TensorBoard scalars through clu when it imports (it needs tensorflow), on process 0;
+    False otherwise (FVD is in eval.jsonl either way)."""
+    writer = metrics.tensorboard_writer(workdir, fallback=EVAL_FILE)
+    if writer is None:
         return False
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     writer.write_scalars(step, scalars)
     writer.flush()
     writer.close()
@@ -108,8 +108,13 @@ def write_tensorboard(workdir: str, step: int, scalars: dict) -> bool:
 def eval_job(config, workdir: str) -> EvalResult:
     """FVD of generated videos (eval.generated, or sampled now from WORKDIR's checkpoint) against
     real videos; appends the record to WORKDIR/eval.jsonl and TensorBoard and returns it."""
+    validate_eval_config(config.eval)
+    # A named protocol (eval.protocol) fixes its task, frames, real clips and stride.
+    config, named = features.resolve_protocol(config)
     ev = config.eval
-    validate_eval_config(ev)
+    if named.clips == "sample_script" and ev.generated:
+        raise ConfigError(f"eval.protocol={named.name} samples from the ground-truth clips it compares "
+                          f"with; unset eval.generated (or compare two folders with eval.protocol=stylegan_v)")
     started = time.perf_counter()
     mesh = shd.make_mesh(config.mesh)
     num_frames = _num_frames(config)
@@ -143,8 +148,9 @@ def eval_job(config, workdir: str) -> EvalResult:
         check_generated_frames(made, num_frames, f"eval.task={task}")
     detector = load_detector(ev.detector, mesh, shd.rules_from_config(config.mesh))
     batch = detector_batch_size(int(ev.batch_size), num_frames, detector.batch_divisor)
-    protocol = protocol_from_config(config, num_frames, resolution)
-    conditional = sampler is not None and task != "generate" and num_classes > 0
+    protocol = protocol_from_config(config, num_frames, resolution, named=named)
+    zero_shot = tasks.get_task(task).evaluation != "none" and not named.from_noise
+    conditional = sampler is not None and zero_shot and num_classes > 0
     real = open_real(config, protocol, labels=conditional)
     logger.info("real videos: %s", real.describe())
     cache_path, cache_key = features.real_cache_path(cache_dir, real, protocol, detector)
@@ -152,7 +158,7 @@ def eval_job(config, workdir: str) -> EvalResult:
     cached = real_stats is not None
 
     clock = time.perf_counter()
-    if sampler is not None and tasks.get_task(task).evaluation != "none":
+    if sampler is not None and zero_shot:
         fake_stats, real_stats = features.zero_shot_features(config, sampler, real, num_frames, detector, batch,
                                                     real_stats, conditional)
         num_fake = len(real)
@@ -168,17 +174,17 @@ def eval_job(config, workdir: str) -> EvalResult:
         else:
             num_fake = int(ev.num_videos)
             fake_stats = features.generated_features(sampler, num_fake, num_frames, detector, batch, int(ev.seed),
-                                            int(config.sample.batch_size))
+                                            int(config.sample.batch_size), task=task)
         timings["seconds_generated"] = time.perf_counter() - clock
     if not cached:
         features.save_cached(cache_path, cache_key, real_stats)
 
     fvd = fvd_from_stats(real_stats, fake_stats)
     protocol_name = f"fvd{num_fake}_{num_frames}f"
-    metric = protocol_name if task == "generate" else f"{protocol_name}_{task}"
+    metric = protocol_name if task == "generate" or named.from_noise else f"{protocol_name}_{task}"
     step = latest_checkpoint_step(workdir)
     record = EvalResult(
-        metric=metric, fvd=fvd, protocol=protocol_name, task=task, step=step,
+        metric=metric, fvd=fvd, protocol=protocol_name, eval_protocol=named.name, task=task, step=step,
         num_generated=num_fake, num_real=int(real_stats.count), real=real.describe(),
         generated=ev.generated or "sampled from the checkpoint", real_cached=cached,
         cache=cache_path, detector=detector.name, time=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -186,6 +192,7 @@ def eval_job(config, workdir: str) -> EvalResult:
     )
     append_record(workdir, record)
     write_tensorboard(workdir, step, {f"eval/{metric}": fvd})
+    metrics.write_plots(workdir)  # plots/fvd.png of the FVD that ran during training, if any
     return record
 
 
@@ -232,6 +239,11 @@ def training_fvd(config, workdir: str, step: int, params, mesh) -> dict[str, flo
                                     int(config.sample.batch_size), params=params)
     fvd = fvd_from_stats(real_stats, fake_stats)
     name = f"fvd{num}_{num_frames}f"
+    if jax.process_index() == 0:
+        try:  # the curve with this value, which the loop writes to metrics.jsonl after this returns
+            metrics.plot_fvd(workdir, current={int(step): {name: fvd}})
+        except Exception as error:  # noqa: BLE001 - a figure is not worth a crashed run
+            logger.warning("plots/fvd.png failed (%s); training goes on", error)
     append_record(workdir, {"metric": name, "fvd": fvd, "step": int(step), "task": "generate",
                             "num_generated": num, "num_real": int(real_stats.count), "training": True,
                             "detector": detector.name, "seconds": time.perf_counter() - started,

@@ -1,7 +1,8 @@
-"""What a finished training run shows a person: the loss curve and the FVD verdict.
+"""What a finished training run shows a person: the plots, the FVD verdict and the summary.
 
 `finish_training(config, workdir)` runs after `--mode=train` completes:
-- WORKDIR/loss.png: loss, mse and vb against the step (log scale), from metrics.jsonl.
+- WORKDIR/plots/loss.png: loss, mse and vb against the step (log scale), from metrics.jsonl (also
+  written at every checkpoint; WORKDIR/plots/fvd.png when FVD ran during training).
 - With `eval.after_training` naming tasks (the demo: generate, i2v, interpolate), the verdict:
   FVD of `eval.num_videos` videos per task against as many real clips (for the demo source with
   `data.hold_out_frames`, clips of frames it never trained on), next to baselines computed the same
@@ -13,28 +14,26 @@
   The table is printed and logged, every row is one line of WORKDIR/eval.jsonl ('verdict': true),
   and WORKDIR/verdict/<task>.png shows the first `sample.train_num_videos` evaluated videos of each
   task, enlarged, each under the real clip it was conditioned on.
+- The summary (`summary_rows`, printed after every training run, also a preempted one): the final
+  loss and where the checkpoints, exports, samples, verdict, plots, metrics and TensorBoard
+  events are, with the `tensorboard --logdir` command.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import time
 
 import jax
 import numpy as np
 
-from fvdm_jax import files, media
+from fvdm_jax import console, files, media, metrics
 from fvdm_jax import sharding as shd
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.evaluation.features import BASELINES, VERDICT_TASKS
 from fvdm_jax.jobs import evaluate
-from fvdm_jax.metrics import METRICS_FILE
+from fvdm_jax.metrics import LOSS_PLOT, read_rows  # noqa: F401 - LOSS_PLOT: where the curve is
 
-logger = logging.getLogger(__name__)
-
-LOSS_PLOT = "loss.png"
 VERDICT_DIR = "verdict"
 
 
@@ -56,53 +55,13 @@ def validate_verdict_config(eval_config) -> None:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The rows of WORKDIR/metrics.jsonl; for a step logged twice (a restart re-ran it), the last."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.isfile(path):
-        return []
-    rows = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                row = json.loads(line)
-                rows[int(row["step"])] = row
-    return [rows[step] for step in sorted(rows)]
+    """The rows of WORKDIR/metrics.jsonl, one per step (see fvdm_jax.metrics.read_rows)."""
+    return read_rows(workdir)
 
 
 def plot_loss(workdir: str, path: str | None = None) -> str | None:
-    """Writes the loss curve (loss, mse, vb vs step, log y) to `path` (WORKDIR/loss.png) and
-    returns it; None when there is nothing to plot or matplotlib is missing (logged)."""
-    rows = [r for r in read_metrics(workdir) if "loss" in r]
-    if not rows:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        logger.warning("no loss plot (%s): pip install matplotlib", error)
-        return None
-    path = path or os.path.join(workdir, LOSS_PLOT)
-    steps = [r["step"] for r in rows]
-    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for key, style in (("loss", "-"), ("mse", "--"), ("vb", ":")):
-        values = [r.get(key) for r in rows]
-        if all(v is not None and v > 0 for v in values):
-            axis.plot(steps, values, style, label=key)
-    axis.set_yscale("log")
-    axis.set_xlabel("step")
-    axis.set_ylabel("training loss (mean over the log interval)")
-    axis.set_title(os.path.basename(os.path.normpath(workdir)) or workdir)
-    axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with files.atomic_path(path) as temporary:
-        figure.savefig(temporary)
-    plt.close(figure)
-    return path
+    """The loss curve at `path` (WORKDIR/plots/loss.png); see fvdm_jax.metrics.plot_loss."""
+    return metrics.plot_loss(workdir, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,22 +182,74 @@ def _write_sheets(workdir: str, sheets: dict, real, config) -> None:
     clips (the conditioning frames come from those)."""
     if jax.process_index() != 0 or not sheets:
         return
-    directory = os.path.join(workdir, VERDICT_DIR)
-    os.makedirs(directory, exist_ok=True)
+    directory = files.join(workdir, VERDICT_DIR)
+    files.makedirs(directory)
     size = int(config.sample.get("sheet_frame_size", 1))
     for task, videos in sheets.items():
         if task != "generate":
             reals = read_videos(real, len(videos))
             videos = np.stack([v for pair in zip(reals, videos) for v in pair])
         scale = media.sheet_scale(videos.shape[2], size)
-        media.write_png(os.path.join(directory, f"{task}.png"), media.frame_grid(videos, scale=scale))
+        media.write_png(files.join(directory, f"{task}.png"), media.frame_grid(videos, scale=scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary.
+
+
+def _g4(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _listing(workdir: str, folder: str) -> list[str]:
+    path = files.join(workdir, folder) if folder else workdir
+    try:
+        return files.listdir(path) if files.isdir(path) else []
+    except OSError:
+        return []
+
+
+def summary_rows(workdir: str, *, steps: int, seconds: float | None, compilations: int) -> list[tuple[str, str]]:
+    """The end of a training run (printed by fvdm_jax.console.summary): the final loss, and
+    where the checkpoints, exports, samples, verdict, plots, metrics and TensorBoard events are
+    (what `workdir` holds now)."""
+    rows = [r for r in metrics.read_rows(workdir) if "loss" in r]
+    out = []
+    if rows:
+        last = rows[-1]
+        terms = ", ".join(f"{k} {_g4(last[k])}" for k in ("mse", "vb") if k in last)
+        out.append(("final loss", f"{_g4(last['loss'])}" + (f" ({terms})" if terms else "")
+                    + f" at step {last['step']}"))
+    timing = f"at step {steps}" + (f" after {console.duration(seconds)} (this run)" if seconds is not None else "")
+    out.append(("run", f"{timing}; the train step compiled {compilations} time(s)"))
+    saved = sorted(int(n) for n in _listing(workdir, "checkpoints") if n.isdigit())
+    if saved:
+        out.append(("checkpoints", f"{files.join(workdir, 'checkpoints')} (steps "
+                    f"{', '.join(map(str, saved))})"))
+    exports = _listing(workdir, "export")
+    out.append(("exports", f"{files.join(workdir, 'export')} ({', '.join(exports)})" if exports
+                else "none yet: --mode=export writes the EMA weights to WORKDIR/export/step_N"))
+    if _listing(workdir, "samples"):
+        out.append(("samples", files.join(workdir, "samples")))
+    if _listing(workdir, "verdict"):
+        out.append(("verdict", f"{files.join(workdir, 'verdict')}/<task>.png, "
+                    f"{files.join(workdir, 'eval.jsonl')}"))
+    plots = [name for name in _listing(workdir, metrics.PLOTS_DIR) if name.endswith(".png")]
+    if plots:
+        out.append(("loss curve" if "loss.png" in plots else "plots",
+                    ", ".join(files.join(workdir, metrics.PLOTS_DIR, name) for name in plots)))
+    out.append(("metrics", files.join(workdir, metrics.METRICS_FILE)))
+    events = any(n.startswith("events.out.tfevents") for n in _listing(workdir, ""))
+    if events:
+        out.append(("tensorboard", f"tensorboard --logdir {workdir}"))
+    else:
+        out.append(("tensorboard", "no events (clu / tensorflow not installed): metrics.jsonl only"))
+    return out
 
 
 def finish_training(config, workdir: str) -> None:
-    """After a completed training run: the loss plot, then the verdict if eval.after_training."""
-    if jax.process_index() == 0:
-        path = plot_loss(workdir)
-        if path:
-            print(f"loss curve: {path}", flush=True)
+    """After a completed training run: the plots (WORKDIR/plots/), then the verdict if
+    eval.after_training. The run's summary (fvdm_jax/console.py) names where everything is."""
+    metrics.write_plots(workdir)
     if tuple(config.eval.get("after_training") or ()):
         verdict(config, workdir)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 
 import jax
@@ -110,9 +109,22 @@ class JobInputs:
 
 def output_dir(config, workdir: str) -> str:
     s = config.sample
-    return s.output_dir or os.path.join(
-        workdir, "samples", f"{s.task}_{s.sampler}{s.num_steps}_seed{s.seed}"
+    # A URL (gs://...) stays a URL: every write below goes through fvdm_jax.files.
+    return s.output_dir or files.join(
+        workdir, "samples", f"{s.task}_{s.sampler}{s.num_steps}{_conditioning_tag(s)}_seed{s.seed}"
     )
+
+
+def _conditioning_tag(s) -> str:
+    """'' for the default conditioning, else '_<policy>' and '_hg<scale>' ('f<level>' appended
+    for fractional history guidance), so a sweep of these options gets one folder per value."""
+    tag = "" if s.get("policy", "hold") == "hold" else f"_{s.policy}"
+    scale = float(s.get("history_guidance") or 0.0)
+    if scale:
+        tag += f"_hg{scale:g}"
+        if s.get("history_guidance_mode") == "fractional":
+            tag += f"f{s.history_noise_level}"
+    return tag
 
 
 def weights_identity(config, workdir: str) -> str:
@@ -142,11 +154,11 @@ def write_media(directory: str, videos: np.ndarray, first_index: int, fps: int, 
     """MP4 + GIF per video (video_XXXXX) and one contact sheet `name`.png whose frames are
     enlarged (nearest neighbour) to at least `sheet_frame_size` pixels."""
     for i, video in enumerate(videos):
-        stem = os.path.join(directory, f"video_{first_index + i:05d}")
+        stem = files.join(directory, f"video_{first_index + i:05d}")
         media.write_mp4(stem + ".mp4", video, fps)
         media.write_gif(stem + ".gif", video, fps)
     scale = media.sheet_scale(videos.shape[2], sheet_frame_size)
-    media.write_png(os.path.join(directory, f"{name}.png"), media.frame_grid(videos, scale=scale))
+    media.write_png(files.join(directory, f"{name}.png"), media.frame_grid(videos, scale=scale))
 
 
 def sample_job(config, workdir: str) -> str:
@@ -158,12 +170,12 @@ def sample_job(config, workdir: str) -> str:
                                        diffusion_config=diffusion_config)
     job_inputs = JobInputs(config, sampler, workdir)
     out = output_dir(config, workdir)
-    batches_dir, media_dir = os.path.join(out, "batches"), os.path.join(out, "media")
+    batches_dir, media_dir = files.join(out, "batches"), files.join(out, "media")
     is_main = jax.process_index() == 0
     record = _record(config, model_config, weights_identity(config, workdir))
-    record_path = os.path.join(out, "sample.json")
-    if os.path.exists(record_path):
-        with open(record_path) as f:
+    record_path = files.join(out, "sample.json")
+    if files.exists(record_path):
+        with files.open_file(record_path) as f:
             previous = json.load(f)
         if previous.get("settings") != record:
             raise ConfigError(
@@ -173,17 +185,17 @@ def sample_job(config, workdir: str) -> str:
     num_videos, batch = int(s.num_videos), int(s.batch_size)
     num_batches = math.ceil(num_videos / batch)
     if is_main:
-        os.makedirs(batches_dir, exist_ok=True)
+        files.makedirs(batches_dir)
         if s.save_media:
-            os.makedirs(media_dir, exist_ok=True)
+            files.makedirs(media_dir)
     seed_key = jax.random.key(int(s.seed))
     timings = []
     bar = files.progress(num_batches, f"sampling {s.task}", unit="batch", leave=True)
     for k in range(num_batches):
-        path = os.path.join(batches_dir, f"batch_{k:05d}.npz")
+        path = files.join(batches_dir, f"batch_{k:05d}.npz")
         if bar is not None:
             bar.update(1)
-        if os.path.exists(path):
+        if files.exists(path):
             continue  # done before an interruption: every batch is a function of (seed, k)
         indices = list(range(k * batch, (k + 1) * batch))
         kwargs, labels = job_inputs.batch(indices)
@@ -203,15 +215,16 @@ def sample_job(config, workdir: str) -> str:
     if bar is not None:
         bar.close()
     if not is_main:
-        return os.path.join(out, "samples.npz")
+        return files.join(out, "samples.npz")
     videos, labels = [], []
     for k in range(num_batches):
-        with np.load(os.path.join(batches_dir, f"batch_{k:05d}.npz")) as data:
+        path = files.join(batches_dir, f"batch_{k:05d}.npz")
+        with files.open_file(path, "rb") as f, np.load(f) as data:
             videos.append(data["videos"])
             labels.append(data["labels"])
     videos = np.concatenate(videos)[:num_videos]
     labels = np.concatenate(labels)[:num_videos]
-    final = os.path.join(out, "samples.npz")
+    final = files.join(out, "samples.npz")
     files.savez(final, videos=videos, labels=labels, task=np.asarray(s.task))
     steady = timings[1:]
     info = {

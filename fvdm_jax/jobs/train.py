@@ -2,18 +2,18 @@
 
 The job builds the loop's `PeriodicAction`s from config.sample / config.eval: contact sheets and
 videos of sample.train_tasks every sample.every_steps (`TrainingSamples`), FVD every
-eval.every_steps (fvdm_jax/jobs/evaluate.py). After a completed run: the loss curve and, with
-eval.after_training, the verdict (fvdm_jax/jobs/report.py).
+eval.every_steps (fvdm_jax/jobs/evaluate.py). After a completed run: the plots and, with
+eval.after_training, the verdict; after every run, the summary (fvdm_jax/jobs/report.py).
 """
 
 from __future__ import annotations
 
-import os
+import time
 
 import jax
 import numpy as np
 
-from fvdm_jax import media
+from fvdm_jax import console, files, media
 from fvdm_jax.diffusion import tasks
 from fvdm_jax.jobs.sample import write_media
 from fvdm_jax.sampling.sampler import VideoSampler
@@ -42,13 +42,22 @@ def periodic_actions(config, workdir: str):
 
 def train_job(config, workdir: str, **kwargs) -> TrainResult:
     """Validates what the run will need, trains (resuming), and after a completed run writes the
-    loss curve and the verdict. kwargs go to `train` (devices, step_hook)."""
-    from fvdm_jax.jobs.report import finish_training, validate_verdict_config
+    plots and the verdict; then the summary of where everything is (also after a preempted
+    run). kwargs go to `train` (devices, step_hook)."""
+    from fvdm_jax.jobs.report import finish_training, summary_rows, validate_verdict_config
 
     validate_verdict_config(config.eval)
+    started = time.perf_counter()
     result = train(config, workdir, actions=periodic_actions(config, workdir), **kwargs)
     if not result.preempted:
         finish_training(config, workdir)
+    if jax.process_index() == 0:
+        title = "fvdm_jax train: done" if not result.preempted else (
+            f"fvdm_jax train: stopped at step {result.step} (exit {result.exit_code}); rerun the "
+            f"same command to resume")
+        console.summary(title, summary_rows(workdir, steps=result.step,
+                                            seconds=time.perf_counter() - started,
+                                            compilations=result.compilations))
     return result
 
 
@@ -77,7 +86,7 @@ class TrainingSamples:
         self.key = jax.random.key(int(s.seed))
 
     def __call__(self, step: int, ema_params) -> dict[str, np.ndarray]:
-        directory = os.path.join(self.workdir, "samples", f"step_{step}")
+        directory = files.join(self.workdir, "samples", f"step_{step}")
         images = {}
         for task in self.tasks:
             kwargs = {"model_inputs": self.clips} if tasks.get_task(task).needs_inputs else {}
@@ -87,7 +96,7 @@ class TrainingSamples:
             scale = media.sheet_scale(videos.shape[2], self.sheet_frame_size)
             images[f"samples/{task}"] = media.frame_grid(videos, scale=scale)
             if jax.process_index() == 0:
-                task_dir = os.path.join(directory, task)
-                os.makedirs(task_dir, exist_ok=True)
+                task_dir = files.join(directory, task)
+                files.makedirs(task_dir)
                 write_media(task_dir, videos, 0, self.fps, "contact_sheet", self.sheet_frame_size)
         return images

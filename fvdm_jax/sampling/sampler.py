@@ -5,6 +5,8 @@ schedule, runs it as one jitted `lax.scan` (diffusion/samplers.py) with the batc
 mesh, and returns pixels (VAE-decoded for latent models). It is built from the model config, the
 diffusion schedule, the mesh and the sampling options (`VideoSampler.from_config` reads them from
 a full config); it knows nothing of files or jobs (fvdm_jax/jobs/sample.py is `--mode=sample`).
+Classifier-free guidance (sample.cfg_scale) and history guidance (sample.history_guidance, on the
+context frames of the conditioning tasks) are one batched model call (diffusion/guidance.py).
 
 Tasks and what their inputs (B, K, H, W, 3) mean (pixels in [-1, 1]; model-space clips via
 `model_inputs`):
@@ -27,10 +29,12 @@ Tasks and what their inputs (B, K, H, W, 3) mean (pixels in [-1, 1]; model-space
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +43,8 @@ from fvdm_jax import media
 from fvdm_jax import sharding as shd
 from fvdm_jax.diffusion import staggered, tasks
 from fvdm_jax.diffusion.gaussian import eps_output
-from fvdm_jax.diffusion.samplers import POLICIES, SAMPLERS, cfg_model_fn, make_sampler
+from fvdm_jax.diffusion.guidance import HISTORY_MODES, HistoryGuidance, guided_model_fn
+from fvdm_jax.diffusion.samplers import POLICIES, SAMPLERS, make_sampler
 from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.models.dit import model_from_config
@@ -58,9 +63,11 @@ def parse_ints(text, name: str) -> list[int] | None:
 
 def validate_sample_config(sample: Mapping[str, Any], model: Mapping[str, Any]) -> None:
     """One-line errors for bad sample settings (before anything is loaded)."""
-    for key, allowed in (("task", tasks.TASK_NAMES), ("sampler", SAMPLERS), ("policy", POLICIES)):
-        if sample[key] not in allowed:
-            raise ConfigError(f"sample.{key}={sample[key]!r} is not one of {list(allowed)}")
+    for key, allowed in (("task", tasks.TASK_NAMES), ("sampler", SAMPLERS), ("policy", POLICIES),
+                         ("history_guidance_mode", HISTORY_MODES)):
+        value = sample.get(key, OPTION_DEFAULTS.get(key))
+        if value not in allowed:
+            raise ConfigError(f"sample.{key}={value!r} is not one of {list(allowed)}")
     bad_tasks = [t for t in sample["train_tasks"] if t not in tasks.TASKS]
     if bad_tasks:
         raise ConfigError(f"sample.train_tasks has unknown tasks {bad_tasks}; known: {list(tasks.TASKS)}")
@@ -72,6 +79,7 @@ def validate_sample_config(sample: Mapping[str, Any], model: Mapping[str, Any]) 
         raise ConfigError(f"sample.eta={sample['eta']} must be >= 0 and sample.slope > 0")
     if not 0.0 <= float(sample["noise_multiplier"]) <= 1.0:
         raise ConfigError(f"sample.noise_multiplier={sample['noise_multiplier']} must lie in [0, 1]")
+    _validate_guidance_and_policy(sample)
     num_frames = int(model["num_frames"])
     overlap = sample.get("overlap")
     if overlap is not None and not 0 < int(overlap) < num_frames:
@@ -91,9 +99,33 @@ def validate_sample_config(sample: Mapping[str, Any], model: Mapping[str, Any]) 
         )
 
 
+def _validate_guidance_and_policy(sample: Mapping[str, Any]) -> None:
+    scale = float(sample.get("history_guidance", 0.0))
+    mode = sample.get("history_guidance_mode", "vanilla")
+    if scale < 0:
+        raise ConfigError(f"sample.history_guidance={scale} must be >= 0 (0 = off)")
+    if scale and mode == "fractional" and sample.get("history_noise_level") is None:
+        raise ConfigError("sample.history_guidance_mode='fractional' needs "
+                          "sample.history_noise_level (an integer tau, e.g. 500)")
+    if sample["policy"] != "released":
+        return
+    if scale:
+        raise ConfigError("sample.history_guidance needs context frames the sampler keeps clean: "
+                          "set sample.policy=hold or replace ('released' labels them like the "
+                          "other frames), or sample.history_guidance=0")
+    if float(sample["noise_multiplier"]):
+        raise ConfigError(f"sample.noise_multiplier={sample['noise_multiplier']} has no meaning "
+                          f"under sample.policy='released' (given frames are labelled t like the "
+                          f"others): set it to 0, or use policy hold / replace")
+    if sample["task"] == "progressive":
+        raise ConfigError("task progressive ramps frame 0 (slope * t) and cannot use "
+                          "sample.policy='released': use hold or replace")
+
+
 OPTION_DEFAULTS = dict(
     sampler="ddim", num_steps=50, eta=0.0, clip_denoised=False, cfg_scale=1.0, policy="hold",
     noise_multiplier=0.0, frame_indices=None, overlap=None, total_frames=128, slope=0.1, delay=1,
+    history_guidance=0.0, history_guidance_mode="vanilla", history_noise_level=None,
 )
 
 
@@ -104,12 +136,13 @@ class VideoSampler:
     sampling options (the keys of OPTION_DEFAULTS, e.g. config.sample); mesh and rules: where the
     batch and the parameters live; vae: the vae section when the model samples VAE latents
     (decoded to pixels here), else None. params: {'params': ...} or the bare tree (EMA weights);
-    may also be given per `run`.
+    may also be given per `run`. ptss_p: the PTSS probability the weights were trained with
+    (None: unknown); history guidance on weights trained with p = 0 logs a warning.
     """
 
     def __init__(self, model_config: Mapping[str, Any], schedule: Schedule,
                  options: Mapping[str, Any], *, mesh, rules, vae: Mapping[str, Any] | None = None,
-                 params=None):
+                 params=None, ptss_p: float | None = None):
         self.model_config = dict(model_config)
         self.options = {**OPTION_DEFAULTS, **{k: options[k] for k in OPTION_DEFAULTS if k in options}}
         self.model = model_from_config(self.model_config)
@@ -127,9 +160,11 @@ class VideoSampler:
         o = self.options
         self.steps = int(o["num_steps"])
         self.cfg_scale = float(o["cfg_scale"])
+        self.history_guidance = self._history_guidance(ptss_p)
+        self._no_context_logged = set()
         self._sample_fn = make_sampler(
             self._model_fn, self.schedule, sampler=o["sampler"], eta=float(o["eta"]),
-            clip_denoised=bool(o["clip_denoised"]),
+            clip_denoised=bool(o["clip_denoised"]), history_guidance=self.history_guidance,
         )
         boxed = boxed_params(self.model, m)
         self.param_shardings = shd.logical_shardings(boxed, self.mesh, self.rules)
@@ -148,9 +183,31 @@ class VideoSampler:
                 "the diffusers AutoencoderKL folder that decodes them"
             )
         mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
+        ptss = config.get("ptss") or {}
+        # How often training showed frames at different levels together: p for the PTSS
+        # schemes, always for independent / FoPP timesteps.
+        mixed = ptss.get("p") if ptss.get("scheme", "ptss") in ("ptss", "ptss_fopp") else 1.0
         return cls(model_config, Schedule.from_config(diffusion_config or config.diffusion),
                    config.sample, mesh=mesh, rules=shd.rules_from_config(config.mesh), vae=vae,
-                   params=params)
+                   params=params, ptss_p=mixed)
+
+    def _history_guidance(self, ptss_p) -> HistoryGuidance | None:
+        o = self.options
+        if not float(o["history_guidance"]):
+            return None
+        try:
+            guidance = HistoryGuidance(float(o["history_guidance"]), o["history_guidance_mode"],
+                                       o["history_noise_level"])
+            guidance.level(self.schedule.num_timesteps)
+        except ValueError as e:
+            raise ConfigError(f"sample.history_*: {e}") from None
+        if ptss_p is not None and float(ptss_p) == 0.0:
+            logging.warning(
+                "history guidance (sample.history_guidance=%s) on weights trained with ptss.p=0: "
+                "such a model has never seen frames at different noise levels together, so its "
+                "history-free branch is out of distribution; expect little or harmful guidance",
+                o["history_guidance"])
+        return guidance
 
     # --- shapes, placement --------------------------------------------------------------------
     @property
@@ -174,20 +231,18 @@ class VideoSampler:
         return jax.device_put(jnp.asarray(array), sharding)
 
     # --- the model ----------------------------------------------------------------------------
-    def _model_fn(self, args, x, tau):
+    def _model_fn(self, args, x, tau, history=None):
+        """The guided eps prediction (class and history guidance in one batched call)."""
         params, labels = args
 
-        def apply(x, tau, labels):
-            return self.model.apply(params, x, tau, labels if self.num_classes else None)
+        def apply(x, tau, labels):  # each branch converted to eps at its own input
+            out = self.model.apply(params, x, tau, labels if self.num_classes else None)
+            return eps_output(self.schedule, out, x, tau)
 
-        if self.num_classes and self.cfg_scale != 1.0:
-            out = cfg_model_fn(apply, labels, self.num_classes, self.cfg_scale, self.channels)(
-                x, tau
-            )
-        else:
-            out = apply(x, tau, labels)
-        # Guidance is linear in the prediction at a fixed x, so it commutes with this conversion.
-        return eps_output(self.schedule, out, x, tau)
+        model_fn = guided_model_fn(
+            apply, self.channels, labels=labels if self.num_classes else None,
+            null_label=self.num_classes, cfg_scale=self.cfg_scale)
+        return model_fn(x, tau, history=history)
 
     def _vae_model(self):
         if self._vae is None:
@@ -248,6 +303,15 @@ class VideoSampler:
                 cond,
                 (params, self._batch_sharded(labels)),
             )
+
+    def _log_unguided(self, spec: tasks.Task, has_inputs: bool):
+        """History guidance needs context frames: say once per task when there are none."""
+        has_context = has_inputs or (spec.long and spec.takes_inputs)  # extend: chunks >= 1
+        if self.history_guidance is None or has_context or spec.name in self._no_context_logged:
+            return
+        self._no_context_logged.add(spec.name)
+        logging.info("history guidance has no effect on task %s here: it has no context frames",
+                     spec.name)
 
     def _window_request(self, batch: int, clips) -> tasks.Window:
         o = self.options
@@ -316,12 +380,17 @@ class VideoSampler:
         params: overrides the sampler's parameters for this call.
         """
         spec = tasks.get_task(task)
+        self._log_unguided(spec, inputs is not None or model_inputs is not None)
         params = self.params if params is None else self.place_params(params)
         if params is None:
             raise ConfigError("VideoSampler has no parameters: pass params=...")
         if inputs is not None and model_inputs is not None:
             raise ConfigError("give inputs (pixels) or model_inputs, not both")
         clips = model_inputs
+        if model_inputs is not None:  # host-side shape check: the scan sees only fixed shapes
+            chex.assert_shape(model_inputs, (None, None, self.input_size, self.input_size,
+                                             self.channels),
+                              custom_message="model_inputs: clips in model space (B, K, h, w, C)")
         if inputs is not None:
             inputs = np.asarray(inputs, np.float32)
             want = self.pixel_shape[1:]
@@ -360,7 +429,10 @@ class VideoSampler:
                 jax.random.randint(k_labels, (batch,), 0, self.num_classes)
                 if self.num_classes else jnp.zeros((batch,), jnp.int32)
             )
-        labels = pad(jnp.asarray(labels, jnp.int32).reshape(batch))
+        labels = labels if isinstance(labels, jax.Array) else np.asarray(labels)
+        chex.assert_shape(labels, (batch,), custom_message="labels: one class id per video")
+        chex.assert_type(labels, int, custom_message="labels: integer class ids")
+        labels = pad(jnp.asarray(labels, jnp.int32))
         shape = (padded, self.num_frames, self.input_size, self.input_size, self.channels)
         if task == "extend":
             out = self._extend(clips, padded, k_noise, k_steps, labels, params)

@@ -30,6 +30,7 @@ setup(
         "train": [
             "ml_collections>=1.1.0",
             "tensorflow-datasets>=4.9.10",
+            "importlib_resources",  # imported by TFDS's builders, not declared by it
             "grain>=0.2.18",
             "clu>=0.0.12",
             "tensorflow-cpu",  # clu's metric writers; TFDS's Video feature

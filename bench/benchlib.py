@@ -168,9 +168,9 @@ def parse_sizes(text: str | None) -> tuple[int, ...] | None:
 
 
 def vendor_peak(kind: str | None = None) -> float | None:
-    """The vendor's dense bf16 matmul peak of this device kind (fvdm_jax.flops's table), or
+    """The vendor's dense bf16 matmul peak of this device kind (fvdm_jax.training.flops's table), or
     None (CPUs: measure the machine's own rate with matmul_peak instead)."""
-    from fvdm_jax.flops import peak_flops_per_device
+    from fvdm_jax.training.flops import peak_flops_per_device
 
     return peak_flops_per_device(kind or jax.devices()[0].device_kind)
 

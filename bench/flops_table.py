@@ -1,4 +1,4 @@
-"""Analytic model FLOPs per video of every size (fvdm_jax/flops.py) and the per-frame adaLN saving.
+"""Analytic model FLOPs per video of every size (fvdm_jax/training/flops.py) and the per-frame adaLN saving.
 
     python bench/flops_table.py [--sizes=S,B,L,XL] [--patch_size=2] [--num_frames=16]
                                 [--input_size=32] [--in_channels=4]
@@ -19,8 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import benchlib  # noqa: E402
-from fvdm_jax.flops import BREAKDOWN_KEYS, dit_forward_flops  # noqa: E402
 from fvdm_jax.models.dit import MODEL_SIZES  # noqa: E402
+from fvdm_jax.training.flops import BREAKDOWN_KEYS, dit_forward_flops  # noqa: E402
 
 
 def main(argv=None):

@@ -10,7 +10,7 @@ unconditional, fp32, batch --batch_size, 16 x 4 x 32 x 32 latents, the hybrid lo
 channels + the learned-range VB term), PTSS p = 0.2, global grad norm, AdamW (lr 1e-4, wd 0) and
 the EMA update; theirs is their `training_losses_video` + the loop body of their train_video.py
 (the grad norm computed, no clipping, as before their clip start), ours the real jitted, donated
-train step of fvdm_jax.train_step (bench/train_throughput.py's flags; each --variant adds flags).
+train step of fvdm_jax.training.step (bench/train_throughput.py's flags; each --variant adds flags).
 Every round runs one step of each side (ours first, then theirs, then each variant), so a shared
 machine's load hits all alike; a matmul yardstick (jax, the same size) is timed each round with
 --measure_matmul. Prints one JSON line per side: median step time, model FLOP/s from our exact

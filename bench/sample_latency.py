@@ -10,7 +10,7 @@ times the whole sampling loop of fvdm_jax.diffusion.samplers.make_sampler (one j
 the weights are arguments of the compiled program) over the unconditional generation schedule
 of fvdm_jax.diffusion.tasks.generate. Prints one JSON line: compile time, seconds per batch and
 per video (median of --repeats), DiT FLOPs per video (num_steps x the analytic forward count of
-fvdm_jax/flops.py, x2 with classifier-free guidance, which doubles the batch the model sees),
+fvdm_jax/training/flops.py, x2 with classifier-free guidance, which doubles the batch the model sees),
 achieved FLOP/s, MFU against the vendor bf16 peak (or --peak_flops) and the ratio to the
 machine's own matmul rate (--measure_matmul: the mean of the rates measured just before and
 just after the timed calls, in the compute dtype). With --cfg_scale != 1 the model must be
@@ -37,12 +37,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import benchlib  # noqa: E402
-from fvdm_jax.config_utils import load_config  # noqa: E402
+from fvdm_jax.config.load import load_config  # noqa: E402
 from fvdm_jax.diffusion import tasks  # noqa: E402
 from fvdm_jax.diffusion.samplers import SAMPLERS, cfg_model_fn, make_sampler  # noqa: E402
 from fvdm_jax.diffusion.schedule import Schedule  # noqa: E402
-from fvdm_jax.flops import dit_forward_flops, model_kwargs_from_config  # noqa: E402
 from fvdm_jax.models.dit import model_from_config  # noqa: E402
+from fvdm_jax.training.flops import dit_forward_flops, model_kwargs_from_config  # noqa: E402
 
 
 def parse(argv):

@@ -28,9 +28,9 @@ import numpy as np  # noqa: E402
 
 from bench import benchlib  # noqa: E402
 from bench.train_throughput import abstract_batch, configure, parse  # noqa: E402
-from fvdm_jax.flops import model_flops_from_config  # noqa: E402
-from fvdm_jax.train import build_setup, create_state  # noqa: E402
-from fvdm_jax.train_step import JittedTrainStep  # noqa: E402
+from fvdm_jax.training.flops import model_flops_from_config  # noqa: E402
+from fvdm_jax.training.loop import build_setup, create_state  # noqa: E402
+from fvdm_jax.training.step import JittedTrainStep  # noqa: E402
 
 
 class Variant:

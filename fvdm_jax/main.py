@@ -23,7 +23,7 @@ Examples:
 Console: progress bars on a terminal, plain progress lines in logs (config.console.progress);
 third-party INFO logs (orbax, absl, clu, JAX, TensorFlow) are hidden: --log_level=info (or
 --verbosity=1) shows them, --log_level=debug everything; warnings and errors always show.
-Multi-process runs (TPU pods, SLURM, MPI) start jax.distributed here, as fvdm_jax/distributed.py
+Multi-process runs (TPU pods, SLURM, MPI) start jax.distributed here, as fvdm_jax/runtime/distributed.py
 detects them (FVDM_DISTRIBUTED=1/0 forces), or from --coordinator_address/--num_processes/--process_id.
 Docs: README.md, docs/training.md, docs/sampling.md, docs/evaluation.md, docs/datasets.md.
 """
@@ -38,7 +38,7 @@ import textwrap
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-LOG_LEVELS = ("warning", "info", "debug")  # fvdm_jax.console.LOG_LEVELS (not imported: no JAX yet)
+LOG_LEVELS = ("warning", "info", "debug")  # fvdm_jax.runtime.console.LOG_LEVELS (not imported: no JAX yet)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file (configs/default.py has every key); override keys with "
@@ -63,8 +63,8 @@ flags.FLAGS["verbosity"].help = ("0 (default): fvdm_jax's INFO, everyone's warni
 
 def maybe_initialize_distributed() -> None:
     """jax.distributed.initialize() for multi-process launches only (never in data workers,
-    which do not run this module's main); see fvdm_jax/distributed.py for the detection."""
-    from fvdm_jax.distributed import initialize
+    which do not run this module's main); see fvdm_jax/runtime/distributed.py for the detection."""
+    from fvdm_jax.runtime.distributed import initialize
 
     if _COORDINATOR.value is not None and (_NUM_PROCESSES.value is None or _PROCESS_ID.value is None):
         raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
@@ -123,7 +123,7 @@ def check_workdir(mode: str, config, workdir: str, config_arg: str) -> str | Non
     (export; sample and eval without sample.checkpoint / eval.generated) needs a training
     checkpoint there; a workdir that is a file is an error; the writing modes create a missing
     local workdir, parents included."""
-    from fvdm_jax import files
+    from fvdm_jax.runtime import files
 
     if not files.is_url(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
         return f"--workdir={workdir} is a file; give a directory (it is created if missing)"
@@ -154,15 +154,15 @@ def main(argv):
             _fail(f"--{name} is required, e.g. python -m fvdm_jax.main --config=configs/demo.py "
                   f"--workdir=/tmp/fvdm_demo (--help lists the modes)", 2)
     # Before JAX and TensorFlow load: their C++ notices read TF_CPP_MIN_LOG_LEVEL at start.
-    from fvdm_jax import console
+    from fvdm_jax.runtime import console
 
     console.configure_logging(log_level(_LOG_LEVEL.value, flags.FLAGS["verbosity"].value))
-    from fvdm_jax.config_schema import validate
+    from fvdm_jax.config.checks import check
     from fvdm_jax.errors import ConfigError
 
     config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
     try:  # the whole config once, before anything starts: one line for a bad key or value
-        validate(_CONFIG.value, near=config_arg)
+        check(_CONFIG.value, _MODE.value, near=config_arg)
         console.configure_progress(_CONFIG.value.get("console"))
     except (ConfigError, ValueError) as e:
         _fail(str(e), 2)
@@ -175,8 +175,8 @@ def main(argv):
     maybe_initialize_distributed()
     import jax
 
-    from fvdm_jax.checkpoint import CheckpointError
-    from fvdm_jax.train import NonFiniteError
+    from fvdm_jax.checkpoint.manager import CheckpointError
+    from fvdm_jax.training.loop import NonFiniteError
 
     if jax.process_count() > 1:
         logging.info("process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(),

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from fvdm_jax.checkpoint import QUARANTINE_DIR, CheckpointError, TrainCheckpointer
-from fvdm_jax.config_utils import load_config
-from fvdm_jax.train import build_setup, train
+from fvdm_jax.checkpoint.manager import QUARANTINE_DIR, CheckpointError, TrainCheckpointer
+from fvdm_jax.config.load import load_config
+from fvdm_jax.training.loop import build_setup, train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 

@@ -1,4 +1,4 @@
-"""fvdm_jax.config_schema: every shipped config fits configs/default.py; bad ones fail in one line.
+"""fvdm_jax.config.schema: every shipped config fits configs/default.py; bad ones fail in one line.
 
 No jax compilation: configs are built and checked on the host only.
 """
@@ -6,11 +6,13 @@ No jax compilation: configs are built and checked on the host only.
 import glob
 import logging
 import os
+import re
+import shutil
 
 import pytest
 
-from fvdm_jax import config_schema as cs
-from fvdm_jax.config_utils import load_config
+from fvdm_jax.config import schema as cs
+from fvdm_jax.config.load import load_config
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -215,7 +217,7 @@ def test_tables_name_existing_keys_and_admit_their_defaults():
 def test_choices_come_from_the_engine_modules():
     from fvdm_jax.diffusion import ptss, samplers, schedule, tasks
     from fvdm_jax.models import dit
-    from fvdm_jax.train_step import LR_SCHEDULES
+    from fvdm_jax.training.step import LR_SCHEDULES
 
     assert cs.CHOICES["sample.sampler"] == samplers.SAMPLERS
     assert cs.CHOICES["sample.policy"] == samplers.POLICIES
@@ -259,3 +261,23 @@ def test_without_a_schema_only_choices_and_ranges_are_checked(monkeypatch, caplo
     with pytest.raises(FileNotFoundError, match="near="):
         cs.default_config()
     cs._warn_no_schema.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["ffs_xl", "sky_xl", "ucf_xl", "taichi_xl", "demo", "tiny"])
+def test_recipes_set_only_what_differs(tmp_path, name):
+    """Every `config.section.key = value` line of a recipe changes the config it builds on: a
+    default lives in configs/default.py alone (a line that re-sets one is dead weight that drifts)."""
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for other in os.listdir(configs):
+        if other.endswith(".py"):
+            shutil.copy(os.path.join(configs, other), tmp_path / other)
+    source = open(os.path.join(configs, f"{name}.py"), encoding="utf-8").read().split("\n")
+    built = load_config(os.path.join(configs, f"{name}.py")).to_dict()
+    redundant = []
+    for i, line in enumerate(source):
+        if re.match(r"\s+config\.\w+\.\w+\s*=[^=]", line) and not line.rstrip().endswith(("(", "[", "{", ",")):
+            trial = source[:i] + [re.match(r"\s*", line).group(0) + "pass"] + source[i + 1:]
+            (tmp_path / f"{name}.py").write_text("\n".join(trial), encoding="utf-8")
+            if load_config(str(tmp_path / f"{name}.py")).to_dict() == built:
+                redundant.append(line.strip())
+    assert not redundant, f"configs/{name}.py re-sets values it already has: {redundant}"

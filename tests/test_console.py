@@ -1,5 +1,5 @@
-"""The console of a run (fvdm_jax/console.py): quiet third-party logs, progress bars or plain
-lines, the banner and the summary; the plots of fvdm_jax/metrics.py; and a real training run
+"""The console of a run (fvdm_jax/runtime/console.py): quiet third-party logs, progress bars or plain
+lines, the banner and the summary; the plots of fvdm_jax/runtime/metrics.py; and a real training run
 from the command line, whose whole console is counted."""
 
 import json
@@ -14,8 +14,8 @@ from absl import logging as absl_logging
 from PIL import Image
 from test_main import TINY, finish, run_main
 
-from fvdm_jax import console, metrics
-from fvdm_jax.jobs import report
+from fvdm_jax.jobs.train import summary_rows
+from fvdm_jax.runtime import console, metrics
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_third_party_info_is_dropped_ours_and_warnings_pass():
     assert quiet.filter(_record(logging.WARNING, orbax))
     assert quiet.filter(_record(logging.ERROR, orbax))
     assert quiet.filter(_record(logging.INFO, ours))
-    assert quiet.filter(_record(logging.INFO, "/elsewhere/x.py", name="fvdm_jax.jobs.report"))
+    assert quiet.filter(_record(logging.INFO, "/elsewhere/x.py", name="fvdm_jax.evaluation.verdict"))
     probe = "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so"
     assert not quiet.filter(_record(logging.INFO, "/venv/jax/_src/xla_bridge.py", probe, "jax._src.xla_bridge"))
     assert not quiet.filter(_record(logging.WARNING, orbax, "Given directory is read only=%s"))
@@ -189,7 +189,7 @@ def test_summary_names_what_the_workdir_holds(tmp_path):
     for step in ("2", "4"):
         os.makedirs(os.path.join(workdir, "checkpoints", step))
     metrics.write_plots(workdir)
-    rows = dict(report.summary_rows(workdir, steps=4, seconds=75.0, compilations=1))
+    rows = dict(summary_rows(workdir, steps=4, seconds=75.0, compilations=1))
     assert rows["final loss"] == "0.25 (mse 0.2) at step 4"
     assert rows["run"] == "at step 4 after 1:15 (this run); the train step compiled 1 time(s)"
     assert rows["checkpoints"].endswith("checkpoints (steps 2, 4)")
@@ -198,15 +198,15 @@ def test_summary_names_what_the_workdir_holds(tmp_path):
     assert rows["tensorboard"].startswith("no events")
     open(os.path.join(workdir, "events.out.tfevents.1.host"), "w").close()
     os.makedirs(os.path.join(workdir, "export", "step_4"))
-    rows = dict(report.summary_rows(workdir, steps=4, seconds=None, compilations=1))
+    rows = dict(summary_rows(workdir, steps=4, seconds=None, compilations=1))
     assert rows["tensorboard"] == f"tensorboard --logdir {workdir}" and "step_4" in rows["exports"]
     text = console.table("title", [("a", "1"), ("longer", "2"), ("empty", "")])
     assert text.splitlines() == ["title", "  a       1", "  longer  2"]
 
 
 def test_plots_are_written_at_each_checkpoint(tmp_path):
-    from fvdm_jax.config_utils import load_config
-    from fvdm_jax.train import train
+    from fvdm_jax.config.load import load_config
+    from fvdm_jax.training.loop import train
 
     config = load_config(TINY)
     config.train.num_steps, config.train.log_every_steps = 4, 1

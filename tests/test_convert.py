@@ -10,10 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from fvdm_jax.checkpoint import load_inference_checkpoint, save_inference_checkpoint
+from fvdm_jax.checkpoint.manager import load_inference_checkpoint, save_inference_checkpoint
 from fvdm_jax.convert.__main__ import convert_official, read_checkpoint
 from fvdm_jax.convert.official import (
-    ConversionError,
     convert_as_saved,
     convert_state_dict,
     infer_model_config,
@@ -22,6 +21,7 @@ from fvdm_jax.convert.official import (
     to_official_state_dict,
     unwrap_state_dict,
 )
+from fvdm_jax.convert.tensors import ConversionError
 from fvdm_jax.models.dit import DiT, model_from_config
 
 VECTORS = os.environ.get(
@@ -164,7 +164,7 @@ def test_torch_checkpoint_with_ema_container(tmp_path):
 
 
 def test_safetensors_checkpoint_needs_no_extra_package(tmp_path):
-    from fvdm_jax.convert.diffusers_vae import write_safetensors
+    from fvdm_jax.convert.tensors import write_safetensors
 
     model = DiT(**TINY)
     params = random_params(model, seed=4)
@@ -190,7 +190,7 @@ def test_compile_and_ddp_prefixes_are_stripped_as_the_official_sampler_does():
 
 
 def test_unknown_and_missing_keys_are_one_line_listing_them(tmp_path):
-    from fvdm_jax.convert.diffusers_vae import write_safetensors
+    from fvdm_jax.convert.tensors import write_safetensors
     from fvdm_jax.errors import ConfigError
 
     model = DiT(**TINY)

@@ -1,10 +1,10 @@
-"""When a process starts jax.distributed (fvdm_jax/distributed.py): the environments JAX itself
+"""When a process starts jax.distributed (fvdm_jax/runtime/distributed.py): the environments JAX itself
 recognizes, and FVDM_DISTRIBUTED to force either way."""
 
 import pytest
 
-from fvdm_jax.distributed import SLURM_VARS, detect
 from fvdm_jax.errors import ConfigError
+from fvdm_jax.runtime.distributed import SLURM_VARS, detect
 
 SRUN_TASK = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "16",
              "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}

@@ -211,7 +211,7 @@ def test_model_from_config_sizes_and_errors():
         model_from_config({**base, "hidden_size": 64})
     with pytest.raises(ValueError, match="needs model.hidden_size"):
         model_from_config({**base, "size": "custom"})
-    from fvdm_jax.config_schema import validate_section
+    from fvdm_jax.config.schema import validate_section
     from fvdm_jax.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.hiden_size.*hidden_size"):  # the schema's check

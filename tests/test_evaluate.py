@@ -14,13 +14,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fvdm_jax import media
-from fvdm_jax import sharding as shd
-from fvdm_jax.config_utils import load_config
-from fvdm_jax.data import clips
-from fvdm_jax.evaluation import fvd
+from fvdm_jax.config import checks
+from fvdm_jax.config.load import load_config
+from fvdm_jax.data import clips, media
+from fvdm_jax.evaluation import during_training, fvd, records
 from fvdm_jax.evaluation import videos as video_sets
 from fvdm_jax.jobs import evaluate
+from fvdm_jax.runtime import sharding as shd
+
+# The rules of configs/default.py (the one place that holds them).
+DEFAULT_RULES = shd.rules_from_config(
+    load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")).mesh)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -197,7 +201,7 @@ def test_config_keys_and_validation(tmp_path):
                               ("num_videos", 0, "eval.num_videos")):
         bad = _config(tmp_path, **{key: value})
         with pytest.raises(ValueError, match=match):
-            evaluate.eval_job(bad, str(tmp_path))
+            checks.check(bad, "eval")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +233,7 @@ def test_eval_job_npz_cache_and_records(tmp_path, real_folder, monkeypatch):
     second = evaluate.eval_job(config, str(tmp_path))
     assert second["real_cached"] and len(detector.calls) == reads + 2  # only the 4 generated videos
     assert second["fvd"] > 0.05 > first["fvd"] + 1e-6
-    lines = [json.loads(line) for line in open(tmp_path / evaluate.EVAL_FILE)]
+    lines = [json.loads(line) for line in open(tmp_path / records.EVAL_FILE)]
     assert [line["fvd"] for line in lines] == [first["fvd"], second["fvd"]]
     assert written == [{"eval/fvd4_9f": first["fvd"]}, {"eval/fvd4_9f": second["fvd"]}]
 
@@ -277,6 +281,7 @@ def fake_sample_module(monkeypatch):
     weights.load_sampling_params = lambda config, workdir: (dict(config.model), dict(config.diffusion), {"w": 0})
     monkeypatch.setitem(sys.modules, "fvdm_jax.sampling.sampler", module)
     monkeypatch.setitem(sys.modules, "fvdm_jax.sampling.weights", weights)
+    monkeypatch.setattr(during_training, "VideoSampler", Factory)  # imported at module level there
     return module
 
 
@@ -284,6 +289,7 @@ def test_sampler_tasks(tmp_path, real_folder, monkeypatch, fake_sample_module):
     detector = FakeDetector()
     monkeypatch.setattr(evaluate, "load_detector", lambda spec, mesh, rules: detector)
     monkeypatch.setattr(evaluate, "write_tensorboard", lambda *args: False)
+    monkeypatch.setattr(during_training, "load_detector", lambda spec, mesh, rules: detector)
     config = _config(tmp_path, real_path=real_folder)
     config.model.num_frames = 9
     config.model.num_classes = 2  # conditional: zero-shot tasks pass the real clips' labels
@@ -326,26 +332,26 @@ def test_sampler_tasks(tmp_path, real_folder, monkeypatch, fake_sample_module):
     config.model.num_frames = 9
     config.eval.train_num_videos = 3
     mesh = shd.make_mesh(config.mesh)
-    scores = evaluate.training_fvd(config, str(tmp_path), 100, {"w": 0}, mesh)
+    scores = during_training.training_fvd(config, str(tmp_path), 100, {"w": 0}, mesh)
     assert list(scores) == ["fvd3_9f"] and scores["fvd3_9f"] > 0
     before = len(detector.calls)
-    evaluate.training_fvd(config, str(tmp_path), 200, {"w": 0}, mesh)
+    during_training.training_fvd(config, str(tmp_path), 200, {"w": 0}, mesh)
     assert len(detector.calls) == before + 2  # generated only
     assert len(fake_sample_module.samplers) == 6  # one sampler for both training calls
     assert fake_sample_module.samplers[-1].calls[-1][-1] == {"w": 0}  # the EMA params, per call
-    last = json.loads(open(tmp_path / evaluate.EVAL_FILE).read().splitlines()[-1])
+    last = json.loads(open(tmp_path / records.EVAL_FILE).read().splitlines()[-1])
     assert last["step"] == 200 and last["training"]
 
 
 def test_tensorboard_falls_back_without_clu(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "clu", None)  # import clu -> ImportError
-    assert evaluate.write_tensorboard(str(tmp_path), 0, {"eval/fvd": 1.0}) is False
+    assert records.write_tensorboard(str(tmp_path), 0, {"eval/fvd": 1.0}) is False
 
 
 @pytest.mark.slow
 def test_tensorboard_scalars(tmp_path):
     pytest.importorskip("clu.metric_writers")
-    assert evaluate.write_tensorboard(str(tmp_path), 3, {"eval/fvd2048_16f": 12.5})
+    assert records.write_tensorboard(str(tmp_path), 3, {"eval/fvd2048_16f": 12.5})
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
 
 
@@ -411,7 +417,7 @@ def _random_pixel_checkpoint(directory, config):
     import flax.linen as nn
     import jax.numpy as jnp
 
-    from fvdm_jax.checkpoint import save_inference_checkpoint
+    from fvdm_jax.checkpoint.manager import save_inference_checkpoint
     from fvdm_jax.models.dit import model_from_config
 
     m = config.model
@@ -493,7 +499,7 @@ def test_sanity_ordering_real_halves_shuffled_noise():
     mixed = np.stack([np.stack([videos[half + rng.integers(half), t] for t in range(frames)])
                       for _ in range(half)])
     mesh = shd.make_mesh({"shape": (-1, 1, 1), "axes": ("data", "fsdp", "tensor")})
-    detector = fvd.load_detector("", mesh, shd.DEFAULT_RULES)
+    detector = fvd.load_detector("", mesh, DEFAULT_RULES)
     stats = {name: fvd.video_set_features(detector, _ArrayVideos(array), 8, 2, name)
              for name, array in (("a", videos[:half]), ("b", videos[half:]), ("shuffled", shuffled),
                                  ("mixed", mixed), ("noise", noise))}
@@ -515,7 +521,7 @@ def test_fvd_during_training_with_the_real_sampler_and_i3d(tmp_path):
     sampler, the real I3D weights, the demo clips as the real set; the FVD lands in metrics.jsonl
     and eval.jsonl."""
     from fvdm_jax.jobs.train import periodic_actions
-    from fvdm_jax.train import train
+    from fvdm_jax.training.loop import train
     from tiny_demo import tiny_demo_config
 
     config = tiny_demo_config()
@@ -526,7 +532,7 @@ def test_fvd_during_training_with_the_real_sampler_and_i3d(tmp_path):
     logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     (fvd,) = [r["fvd2_9f"] for r in logged if "fvd2_9f" in r]
     assert np.isfinite(fvd) and fvd > 0
-    (record,) = [json.loads(line) for line in open(tmp_path / evaluate.EVAL_FILE)]
+    (record,) = [json.loads(line) for line in open(tmp_path / records.EVAL_FILE)]
     assert record["step"] == 2 and record["training"] and record["fvd"] == fvd
     assert record["detector"] != "fake" and record["num_real"] == 2
 

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from fvdm_jax import media
-from fvdm_jax.config_utils import load_config
+from fvdm_jax.config.load import load_config
+from fvdm_jax.data import media
 from fvdm_jax.experiments import ptss
 from fvdm_jax.experiments.results import Run, results_markdown, summarize
 

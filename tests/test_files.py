@@ -1,4 +1,4 @@
-"""fvdm_jax/files.py: a reader never sees a half-written file."""
+"""fvdm_jax/runtime/files.py: a reader never sees a half-written file."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from fvdm_jax import files
+from fvdm_jax.runtime import files
 
 
 def test_atomic_path_renames_only_a_finished_write(tmp_path):

@@ -1,4 +1,4 @@
-"""The analytic FLOP count (fvdm_jax.flops) against the reference figures, the traced program
+"""The analytic FLOP count (fvdm_jax.training.flops) against the reference figures, the traced program
 and XLA's own cost analysis."""
 
 import importlib.util
@@ -13,9 +13,9 @@ import jax.extend as jex
 import jax.numpy as jnp
 import pytest
 
-from fvdm_jax import flops
 from fvdm_jax.models.dit import MODEL_SIZES, DiT
 from fvdm_jax.models.embeddings import TimestepEmbedder
+from fvdm_jax.training import flops
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -153,7 +153,7 @@ def test_model_flops_from_config_rejects_contradictions():
 
 def test_module_imports_without_jax_or_the_training_stack():
     code = (
-        "import sys, fvdm_jax.flops; "
+        "import sys, fvdm_jax.training.flops; "
         "heavy = {'jax', 'flax', 'tensorflow', 'clu', 'ml_collections'} & set(sys.modules); "
         "assert not heavy, heavy"
     )

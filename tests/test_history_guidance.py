@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fvdm_jax.config_utils import load_config
+from fvdm_jax.config.load import load_config
 from fvdm_jax.diffusion import Schedule, tasks
 from fvdm_jax.diffusion.guidance import (
     HistoryGuidance,

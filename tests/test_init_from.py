@@ -1,4 +1,4 @@
-"""Fine-tuning from pretrained weights (train.init_from, fvdm_jax/init_weights.py): the official
+"""Fine-tuning from pretrained weights (train.init_from, fvdm_jax/training/init_from.py): the official
 reference state_dicts loaded give the official outputs before any update, on the mesh with
 create_state's shardings; a short run trains from them; mismatched tables are reported and
 re-initialized as at creation (strict mode refuses them); a resumed run ignores init_from."""
@@ -11,13 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from fvdm_jax.config_utils import load_config
+from fvdm_jax.config.load import load_config
 from fvdm_jax.convert.__main__ import convert_official
-from fvdm_jax.convert.diffusers_vae import write_safetensors
+from fvdm_jax.convert.tensors import write_safetensors
 from fvdm_jax.errors import ConfigError
-from fvdm_jax.init_weights import INFERENCE, OFFICIAL, WORKDIR, source_kind, state_from_pretrained
 from fvdm_jax.jobs.export import export
-from fvdm_jax.train import build_setup, create_state, train
+from fvdm_jax.training.init_from import INFERENCE, OFFICIAL, WORKDIR, source_kind, state_from_pretrained
+from fvdm_jax.training.loop import build_setup, create_state, train
 
 HERE = os.path.dirname(__file__)
 CONFIGS = os.path.join(HERE, "..", "configs")

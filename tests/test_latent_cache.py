@@ -11,13 +11,14 @@ import jax
 import numpy as np
 import pytest
 
-from fvdm_jax.config_utils import load_config
-from fvdm_jax.convert.diffusers_vae import diffusers_tensor_shapes, write_safetensors
+from fvdm_jax.config.load import load_config
+from fvdm_jax.convert.diffusers_vae import diffusers_tensor_shapes
+from fvdm_jax.convert.tensors import write_safetensors
 from fvdm_jax.data import clips, latents
 from fvdm_jax.data.latents import LatentCacheSource
 from fvdm_jax.jobs.encode import FrameEncoder, encode_dataset
 from fvdm_jax.models.vae import vae_from_config
-from fvdm_jax.train import train
+from fvdm_jax.training.loop import train
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 VAE_CONFIG = {

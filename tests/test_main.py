@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from fvdm_jax.checkpoint import load_inference_checkpoint
+from fvdm_jax.checkpoint.manager import load_inference_checkpoint
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -182,8 +182,8 @@ def _free_port():
 
 def test_two_processes_match_one(tmp_path):
     """2 processes x 4 CPU devices (gloo) train like this process's 8 devices."""
-    from fvdm_jax.config_utils import load_config
-    from fvdm_jax.train import train
+    from fvdm_jax.config.load import load_config
+    from fvdm_jax.training.loop import train
 
     common = [f"--config={TINY}", "--config.train.num_steps=3", "--config.train.log_every_steps=1"]
     port = _free_port()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fvdm_jax import media
+from fvdm_jax.data import media
 from fvdm_jax.data.clips import to_signed_unit
 from fvdm_jax.data.video import read_video
 

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fvdm_jax.config_utils import load_config
-from fvdm_jax.train_step import TrainState, apply_gradients, make_optimizer
+from fvdm_jax.config.load import load_config
+from fvdm_jax.training.state import TrainState
+from fvdm_jax.training.step import apply_gradients, make_optimizer
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TRAIN = dict(lr=1e-2, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, schedule="constant",
@@ -62,8 +63,8 @@ def test_four_steps_match_torch_adamw_clip_and_ema():
 
 def test_overfitting_one_batch_lowers_the_loss(tmp_path):
     """The full jitted step on one repeated batch (tiny model): the loss falls."""
-    from fvdm_jax.train import build_setup, create_state
-    from fvdm_jax.train_step import JittedTrainStep
+    from fvdm_jax.training.loop import build_setup, create_state
+    from fvdm_jax.training.step import JittedTrainStep
 
     config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
     config.mesh.shape = (1, 1, 1)

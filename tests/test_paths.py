@@ -1,4 +1,4 @@
-"""Workdirs in a bucket stay URLs: fvdm_jax.files leaves gs:// (any scheme) alone and goes through
+"""Workdirs in a bucket stay URLs: fvdm_jax.runtime.files leaves gs:// (any scheme) alone and goes through
 etils.epath, never turning 'gs://b/run' into a local folder 'gs:/b/run'. A fake 'gs' backend maps
 the bucket to a temporary folder, so the test sees every byte the code writes there."""
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 from etils.epath import backend, gpath
 
-from fvdm_jax import files
+from fvdm_jax.runtime import files
 
 
 class _FolderBucket(backend._OsPathBackend):
@@ -83,7 +83,7 @@ def test_urls_stay_urls():
 def test_metrics_and_eval_records_land_in_the_bucket(bucket, monkeypatch):
     monkeypatch.setitem(sys.modules, "clu", None)  # no TensorBoard writer (it would dial GCS)
     from fvdm_jax.jobs.evaluate import append_record, latest_checkpoint_step
-    from fvdm_jax.metrics import MetricsLogger
+    from fvdm_jax.runtime.metrics import MetricsLogger
 
     logger = MetricsLogger("gs://b/run")
     logger.write(1, {"loss": 0.5})
@@ -101,7 +101,8 @@ def test_metrics_and_eval_records_land_in_the_bucket(bucket, monkeypatch):
 
 
 def test_checkpointer_paths_stay_in_the_bucket(bucket):
-    from fvdm_jax.checkpoint import TrainCheckpointer, load_inference_config
+    from fvdm_jax.checkpoint.inference import load_inference_config
+    from fvdm_jax.checkpoint.manager import TrainCheckpointer
 
     with pytest.raises(FileNotFoundError, match="gs://b/none/checkpoints"):
         TrainCheckpointer("gs://b/none", {"every_steps": 1, "keep": 1, "async_save": False,
@@ -124,8 +125,8 @@ def test_sample_job_writes_into_a_bucket_and_resumes_from_it(bucket, tmp_path, m
     import jax
     import numpy as np
 
-    from fvdm_jax.checkpoint import save_inference_checkpoint
-    from fvdm_jax.config_utils import load_config
+    from fvdm_jax.checkpoint.inference import save_inference_checkpoint
+    from fvdm_jax.config.load import load_config
     from fvdm_jax.jobs.sample import sample_job
     from fvdm_jax.models.dit import model_from_config
 
@@ -175,10 +176,10 @@ def test_verdict_sheets_land_in_the_bucket(bucket):
     import numpy as np
     from ml_collections import config_dict
 
-    from fvdm_jax.jobs import report
+    from fvdm_jax.evaluation import verdict
 
     videos = np.random.default_rng(0).integers(0, 255, (2, 3, 8, 8, 3), dtype=np.uint8)
     config = config_dict.ConfigDict({"sample": {"sheet_frame_size": 1}})
-    report._write_sheets("gs://b/run", {"generate": videos}, None, config)
-    sheet = bucket / "b" / "run" / report.VERDICT_DIR / "generate.png"
+    verdict._write_sheets("gs://b/run", {"generate": videos}, None, config)
+    sheet = bucket / "b" / "run" / verdict.VERDICT_DIR / "generate.png"
     assert sheet.is_file() and sheet.stat().st_size > 100

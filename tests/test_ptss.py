@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from fvdm_jax.config_utils import load_config
+from fvdm_jax.config.load import load_config
 from fvdm_jax.diffusion import schemes
 from fvdm_jax.diffusion.ptss import PTSS_MODES, sample_frame_timesteps
 from fvdm_jax.errors import ConfigError
@@ -246,8 +246,8 @@ def test_ptss_fopp_mixes_shared_rows_and_fopp_rows(mode):
 
 
 def test_the_registry_and_its_config_checks():
-    from fvdm_jax import config_schema
-    from fvdm_jax.train_step import validate_train_config
+    from fvdm_jax.config import schema as config_schema
+    from fvdm_jax.training.step import validate_train_config
 
     assert tuple(schemes.SCHEMES) == ("ptss", "independent", "fopp", "ptss_fopp")
     assert config_schema.CHOICES["ptss.scheme"] == tuple(schemes.SCHEMES)
@@ -289,9 +289,10 @@ def _recording_dit(**kwargs):
     pytest.param("ptss_fopp", "per_sample", marks=pytest.mark.slow),
 ])
 def test_every_scheme_trains_in_the_jitted_step_on_the_mesh(scheme, mode):
-    from fvdm_jax import sharding as shd
     from fvdm_jax.diffusion.schedule import Schedule
-    from fvdm_jax.train_step import JittedTrainStep, init_state, make_optimizer
+    from fvdm_jax.runtime import sharding as shd
+    from fvdm_jax.training.state import init_state
+    from fvdm_jax.training.step import JittedTrainStep, make_optimizer
 
     config = load_config(os.path.join(CONFIGS, "tiny.py"))
     config.ptss.scheme, config.ptss.mode, config.ptss.p = scheme, mode, 0.5

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fvdm_jax import media
-from fvdm_jax.config_utils import load_config
+from fvdm_jax.config.load import load_config
+from fvdm_jax.data import media
 from fvdm_jax.data.demo import DemoClipSource, demo_options
 from fvdm_jax.data.video import read_video
 from fvdm_jax.diffusion.tasks import TASKS
 from fvdm_jax.jobs.export import export
 from fvdm_jax.jobs.sample import sample_job
 from fvdm_jax.jobs.train import periodic_actions
+from fvdm_jax.runtime.sharding import make_mesh
 from fvdm_jax.sampling.sampler import VideoSampler
 from fvdm_jax.sampling.weights import load_sampling_params
-from fvdm_jax.sharding import make_mesh
-from fvdm_jax.train import train
+from fvdm_jax.training.loop import train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FRAMES, SIZE = 8, 32

@@ -1,4 +1,4 @@
-"""fvdm_jax/sharding.py on 8 simulated CPU devices: parameter shardings from flax's logical rules,
+"""fvdm_jax/runtime/sharding.py on 8 simulated CPU devices: parameter shardings from flax's logical rules,
 the warning (or strict error) for dims the mesh does not divide, and the activation constraints
 that the DiT's block boundaries get under `activation_context` (and only there)."""
 
@@ -14,11 +14,16 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fvdm_jax import sharding as shd
-from fvdm_jax.config_utils import load_config
+from fvdm_jax.config.load import load_config
 from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.models.dit import DiT
-from fvdm_jax.train_step import JittedTrainStep, init_state, make_optimizer
+from fvdm_jax.runtime import sharding as shd
+from fvdm_jax.training.state import init_state
+from fvdm_jax.training.step import JittedTrainStep, make_optimizer
+
+# The rules of configs/default.py (the one place that holds them).
+DEFAULT_RULES = shd.rules_from_config(
+    load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")).mesh)
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 AXES = ("data", "fsdp", "tensor")
@@ -91,7 +96,7 @@ def test_parameter_shardings_follow_the_rules(shape, caplog):
     boxed = boxed_params(model)
     mesh = mesh_of(shape)
     with caplog.at_level(logging.WARNING):
-        shardings = shd.logical_shardings(boxed, mesh, shd.DEFAULT_RULES)
+        shardings = shd.logical_shardings(boxed, mesh, DEFAULT_RULES)
     assert not [r for r in caplog.records if "replicated" in r.getMessage()]
     for leaf in jax.tree_util.tree_leaves(shardings):
         assert isinstance(leaf, NamedSharding) and leaf.mesh == mesh
@@ -102,24 +107,24 @@ def test_parameter_shardings_follow_the_rules(shape, caplog):
         assert param(shardings, path).shard_shape(box.value.shape) == shard_shape, path
     # spec_for (kept for callers) agrees with the tree function.
     box = param(boxed, "params/blocks/spatial/attn/qkv/kernel")
-    assert shd.spec_for(box.value.shape, box.names, mesh, shd.DEFAULT_RULES) == EXPECTED_SPECS[
+    assert shd.spec_for(box.value.shape, box.names, mesh, DEFAULT_RULES) == EXPECTED_SPECS[
         "params/blocks/spatial/attn/qkv/kernel"]
 
 
 @pytest.mark.parametrize("shape, divisor", [((8, 1, 1), 8), ((1, 8, 1), 8), ((2, 2, 2), 4)])
 def test_batch_sharding_and_divisor(shape, divisor):
     mesh = mesh_of(shape)
-    assert shd.batch_sharding(mesh, shd.DEFAULT_RULES, 5).spec == P(("data", "fsdp"), None, None, None, None)
-    assert shd.batch_divisor(mesh, shd.DEFAULT_RULES) == divisor
+    assert shd.batch_sharding(mesh, DEFAULT_RULES, 5).spec == P(("data", "fsdp"), None, None, None, None)
+    assert shd.batch_divisor(mesh, DEFAULT_RULES) == divisor
 
 
 def test_mesh_axes_the_mesh_lacks_are_dropped_from_the_rules():
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    shardings = shd.logical_shardings(boxed_params(tiny_dit()), mesh, shd.DEFAULT_RULES)
+    shardings = shd.logical_shardings(boxed_params(tiny_dit()), mesh, DEFAULT_RULES)
     assert param(shardings, "params/blocks/temporal/mlp/fc1/kernel").spec == P(None, "fsdp", None)
     data_only = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    assert shd.batch_sharding(data_only, shd.DEFAULT_RULES, 2).spec == P("data", None)
-    assert shd.batch_divisor(data_only, shd.DEFAULT_RULES) == 8
+    assert shd.batch_sharding(data_only, DEFAULT_RULES, 2).spec == P("data", None)
+    assert shd.batch_divisor(data_only, DEFAULT_RULES) == 8
 
 
 def test_the_rule_priority_is_flax_s():
@@ -141,7 +146,7 @@ def test_non_divisible_dims_are_replicated_with_one_warning(caplog):
     boxed = jax.eval_shape(lambda r: init_state(r, model, make_optimizer(load_config(
         os.path.join(CONFIGS, "tiny.py")).train), boxed=True), jax.random.key(0))
     with caplog.at_level(logging.WARNING):
-        shardings = shd.logical_shardings(boxed, mesh, shd.DEFAULT_RULES)
+        shardings = shd.logical_shardings(boxed, mesh, DEFAULT_RULES)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     message = warnings[0]
@@ -160,7 +165,7 @@ def test_non_divisible_dims_are_replicated_with_one_warning(caplog):
 def test_strict_raises_one_line_naming_the_parameters():
     model = tiny_dit(hidden=36, heads=3)
     with pytest.raises(ValueError) as error:
-        shd.logical_shardings(boxed_params(model), mesh_of((2, 2, 2)), shd.DEFAULT_RULES,
+        shd.logical_shardings(boxed_params(model), mesh_of((2, 2, 2)), DEFAULT_RULES,
                               strict=True)
     text = str(error.value)
     assert "\n" not in text and QKV_DROPPED in text
@@ -168,10 +173,10 @@ def test_strict_raises_one_line_naming_the_parameters():
     # A width 36 over fsdp=8 also names the embedding.
     with pytest.raises(ValueError, match=r"params/x_embedder/kernel dim 1 \('embed'\) of size 36 "
                                          r"not divisible by fsdp=8"):
-        shd.logical_shardings(boxed_params(model), mesh_of((1, 8, 1)), shd.DEFAULT_RULES,
+        shd.logical_shardings(boxed_params(model), mesh_of((1, 8, 1)), DEFAULT_RULES,
                               strict=True)
     # strict changes nothing when every dim divides.
-    shd.logical_shardings(boxed_params(tiny_dit()), mesh_of((2, 2, 2)), shd.DEFAULT_RULES,
+    shd.logical_shardings(boxed_params(tiny_dit()), mesh_of((2, 2, 2)), DEFAULT_RULES,
                           strict=True)
 
 
@@ -198,7 +203,7 @@ def test_activation_constraints_shard_the_batch_only_under_the_context(scan_laye
     reference = forward(params, x, t)  # no rules, no mesh: the constraints are no-ops
 
     mesh = mesh_of((2, 4, 1))
-    with shd.activation_context(mesh, shd.DEFAULT_RULES):
+    with shd.activation_context(mesh, DEFAULT_RULES):
         lowered = forward.lower(params, x, t)
         compiled = lowered.compile()
         out = forward(params, x, t)
@@ -216,7 +221,7 @@ def test_activation_constraints_shard_the_batch_only_under_the_context(scan_laye
     def fresh_text():
         return jax.jit(lambda *a: model.apply(*a)).lower(params, x, t).as_text()
 
-    with nn.logical_axis_rules(shd.DEFAULT_RULES):
+    with nn.logical_axis_rules(DEFAULT_RULES):
         assert "sharding_constraint" not in fresh_text()
     with jax.set_mesh(mesh):
         assert "sharding_constraint" not in fresh_text()

@@ -19,10 +19,10 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from fvdm_jax.data.demo import cached_clip, demo_clip_paths  # noqa: E402
 from fvdm_jax.data.folder import VideoFolderSource  # noqa: E402
+from fvdm_jax.data.media import write_mp4  # noqa: E402
 from fvdm_jax.data.pipeline import host_batches, make_source  # noqa: E402
 from fvdm_jax.data.tfds_source import TfdsVideoSource, build_folder_dataset  # noqa: E402
 from fvdm_jax.errors import ConfigError  # noqa: E402
-from fvdm_jax.media import write_mp4  # noqa: E402
 
 FRAMES, INTERVAL, SIZE, SEED = 8, 3, 16, 5
 # (class folder, video, shipped clip, first frame): two classes, g01 in train and g02 in test.
@@ -221,7 +221,7 @@ def test_errors_are_one_line(tensor_videos, tmp_path):
 
 
 def test_make_source_reads_the_tfds_keys(folder_and_tfds):
-    from fvdm_jax.config_utils import load_config
+    from fvdm_jax.config.load import load_config
 
     _, data_dir, _ = folder_and_tfds
     config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
@@ -243,8 +243,8 @@ def test_make_source_reads_the_tfds_keys(folder_and_tfds):
 
 
 def test_training_on_a_tfds_dataset_runs_the_real_loop(folder_and_tfds, tmp_path):
-    from fvdm_jax.config_utils import load_config
-    from fvdm_jax.train import train
+    from fvdm_jax.config.load import load_config
+    from fvdm_jax.training.loop import train
 
     _, data_dir, _ = folder_and_tfds
     config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))

@@ -11,12 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from fvdm_jax import sharding as shd
-from fvdm_jax.checkpoint import TrainCheckpointer, load_inference_checkpoint
-from fvdm_jax.config_utils import load_config
+from fvdm_jax.checkpoint.inference import load_inference_checkpoint
+from fvdm_jax.checkpoint.manager import TrainCheckpointer
+from fvdm_jax.config.load import load_config
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.jobs.export import export
-from fvdm_jax.train import NonFiniteError, build_setup, train
+from fvdm_jax.runtime import sharding as shd
+from fvdm_jax.training.loop import NonFiniteError, build_setup, train
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 STEPS = 5
@@ -260,7 +261,7 @@ def test_unknown_config_keys_fail_at_once(tmp_path):
 
 
 def test_ffs_xl_recipe_builds_sharded_state_abstractly():
-    from fvdm_jax.flops import model_flops_from_config
+    from fvdm_jax.training.flops import model_flops_from_config
 
     config = load_config(os.path.join(CONFIGS, "ffs_xl.py"))
     config.mesh.shape = (1, 4, 2)  # FSDP x tensor parallel on 8 devices, global batch 4

@@ -19,14 +19,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fvdm_jax.convert.diffusers_vae import (
-    ConversionError,
     convert_state_dict,
     diffusers_tensor_shapes,
     load_diffusers_vae,
-    read_safetensors,
     to_diffusers_state_dict,
-    write_safetensors,
 )
+from fvdm_jax.convert.tensors import ConversionError, read_safetensors, write_safetensors
 from fvdm_jax.models.vae import (
     AutoencoderKL,
     decode_video,

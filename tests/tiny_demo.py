@@ -2,7 +2,7 @@
 
 import os
 
-from fvdm_jax.config_utils import load_config
+from fvdm_jax.config.load import load_config
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 

@@ -19,13 +19,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from fvdm_jax.checkpoint import save_inference_checkpoint
+from fvdm_jax.checkpoint.inference import save_inference_checkpoint
 from fvdm_jax.convert.official import (
-    ConversionError,
     convert_state_dict,
     infer_model_config,
     read_checkpoint,
 )
+from fvdm_jax.convert.tensors import ConversionError
 from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.models.dit import model_from_config
 

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fvdm_jax.errors import ConfigError
+from fvdm_jax.convert.tensors import ConversionError, listed, read_safetensors, to_numpy
 from fvdm_jax.models.dit import MODEL_SIZES, DiT
 from fvdm_jax.models.embeddings import sincos_1d, sincos_2d
 
@@ -39,17 +39,6 @@ _BLOCK_PARTS = {
     "mlp.fc2": ("mlp", "fc2"),
     "adaLN_modulation.1": ("adaLN", "dense"),
 }
-
-
-class ConversionError(ConfigError):
-    """A checkpoint does not match the model it is converted to (one line, a ConfigError)."""
-
-
-def _listed(keys, limit: int = 12) -> str:
-    """'a, b, c' for up to `limit` keys, then how many more."""
-    keys = sorted(keys)
-    text = ", ".join(keys[:limit])
-    return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def strip_key(key: str) -> str:
@@ -83,7 +72,7 @@ def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if name in out:
             raise ConversionError(f"state_dict keys {sources[name]!r} and {key!r} both name {name!r} "
                                   f"once the {KEY_PREFIXES} prefixes are stripped; keep one of them")
-        out[name], sources[name] = _to_numpy(value), key
+        out[name], sources[name] = to_numpy(value), key
     return out
 
 
@@ -106,8 +95,6 @@ def read_checkpoint(path: str, prefix: str = "") -> dict[str, np.ndarray]:
             raise ConversionError(f"{path} has no arrays under prefix {prefix!r}")
         return unwrap_state_dict(raw)
     if ext == ".safetensors":
-        from fvdm_jax.convert.diffusers_vae import read_safetensors  # numpy reader, no extra deps
-
         return unwrap_state_dict(read_safetensors(path))
     if ext in TORCH_SUFFIXES:
         try:
@@ -127,12 +114,6 @@ def step_from_file_name(path: str) -> int | None:
     `{step:07d}.pt` and reads the step back from the name when fine-tuning), else None."""
     stem = os.path.basename(path).split(".")[0]
     return int(stem) if stem.isdigit() else None
-
-
-def _to_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value)
 
 
 def _block_layout(sd: Mapping[str, np.ndarray]) -> str:
@@ -169,7 +150,7 @@ def infer_model_config(sd: Mapping[str, np.ndarray], num_heads: int | None = Non
     """
     for key in ("x_embedder.proj.weight", "final_layer.linear.weight"):
         if key not in sd:
-            raise ConversionError(f"not an FVDM/Latte state_dict: no {key} (keys found: {_listed(sd, 6)})")
+            raise ConversionError(f"not an FVDM/Latte state_dict: no {key} (keys found: {listed(sd, 6)})")
     weight = sd["x_embedder.proj.weight"]  # (D, C, p, p)
     hidden, in_channels, patch = weight.shape[0], weight.shape[1], weight.shape[2]
     depth = count_blocks(sd)
@@ -269,7 +250,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], model: DiT, *, check_tables
     missing = [k for k in ("x_embedder.proj.weight", "final_layer.linear.weight") if k not in sd]
     if missing:
         raise ConversionError(f"not an FVDM/Latte state_dict: missing {missing} (keys found: "
-                              f"{_listed(sd, 6)})")
+                              f"{listed(sd, 6)})")
     used: set[str] = set()
     layout = _block_layout(sd)
     num_pairs = model.depth // 2
@@ -281,7 +262,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], model: DiT, *, check_tables
     missing = [k for k in required_keys(sd, model.depth) if k not in sd]
     if missing:
         raise ConversionError(f"the checkpoint lacks {len(missing)} tensors the model needs: "
-                              f"{_listed(missing)}; it is incomplete or not an FVDM/Latte state_dict")
+                              f"{listed(missing)}; it is incomplete or not an FVDM/Latte state_dict")
     conv = sd["x_embedder.proj.weight"]  # (D, C, p, p) -> ((p q c), D)
     used.update({"x_embedder.proj.weight", "x_embedder.proj.bias"})
     params = {
@@ -314,7 +295,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], model: DiT, *, check_tables
     unused = sorted(set(sd) - used)
     if unused:
         raise ConversionError(f"{len(unused)} checkpoint tensors have no place in the model: "
-                              f"{_listed(unused)}; convert an FVDM (blocks_spatial/blocks_temp) or "
+                              f"{listed(unused)}; convert an FVDM (blocks_spatial/blocks_temp) or "
                               f"Latte (blocks) DiT state_dict")
 
     params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), {"params": params})
@@ -355,13 +336,13 @@ def _check_shapes(params, model: DiT):
     got = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
     if want.keys() != got.keys():
         raise ConversionError(
-            f"parameter names differ: missing {_listed(want.keys() - got.keys(), 4) or 'none'}, "
-            f"unexpected {_listed(got.keys() - want.keys(), 4) or 'none'} (check model.num_classes "
+            f"parameter names differ: missing {listed(want.keys() - got.keys(), 4) or 'none'}, "
+            f"unexpected {listed(got.keys() - want.keys(), 4) or 'none'} (check model.num_classes "
             f"/ class_dropout_prob against the checkpoint)"
         )
     bad = [f"{k} {tuple(got[k])} vs {tuple(want[k])}" for k in want if tuple(got[k]) != tuple(want[k])]
     if bad:
-        raise ConversionError(f"shape mismatch (checkpoint vs model) at {_listed(bad, 6)}; fix the "
+        raise ConversionError(f"shape mismatch (checkpoint vs model) at {listed(bad, 6)}; fix the "
                               f"model config to the checkpoint's")
 
 

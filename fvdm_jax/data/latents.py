@@ -27,7 +27,7 @@ import numpy as np
 
 from fvdm_jax.data import clips
 from fvdm_jax.errors import ConfigError
-from fvdm_jax.files import write_json
+from fvdm_jax.runtime.files import write_json
 
 META_FILE = "cache.json"
 SHARD_PATTERN = "latents-{:05d}.array_record"

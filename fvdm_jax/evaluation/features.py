@@ -20,20 +20,20 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import numpy as np
 
-from fvdm_jax import files
 from fvdm_jax.data import clips
+from fvdm_jax.data.media import to_uint8
 from fvdm_jax.diffusion import tasks
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.evaluation.fvd import FeatureStats, batch_features, video_set_features
 from fvdm_jax.evaluation.videos import Protocol
-from fvdm_jax.media import to_uint8
 from fvdm_jax.models.i3d import I3D_MIN_FRAMES
+from fvdm_jax.runtime import files
 
 logger = logging.getLogger(__name__)
 
 # Bump when the way real clips or features are made changes: old cache entries stop matching.
 PROTOCOL_VERSION = 1
-# The verdict after training (fvdm_jax/jobs/report.py): the tasks it can score and the baseline
+# The verdict after training (fvdm_jax/evaluation/verdict.py): the tasks it can score and the baseline
 # video sets it scores beside them (noise, real clips with shuffled frames, other real clips).
 VERDICT_TASKS = ("generate", "i2v", "interpolate")
 BASELINES = ("noise", "shuffled", "real")
@@ -132,6 +132,10 @@ def protocol_from_config(config, num_frames: int, resolution: int, num_videos: i
                     clips=clips, frame_interval=interval)
 
 
+# Hex characters of the key's SHA-256 in a cache file name (80 bits: no collision in practice).
+CACHE_DIGEST_CHARS = 20
+
+
 def real_cache_path(cache_dir: str, real, protocol: Protocol, detector) -> tuple[str, dict]:
     """The cache file of these real statistics and the key it is named after (StyleGAN-V clips
     keep the key they had before other clip kinds existed)."""
@@ -140,7 +144,7 @@ def real_cache_path(cache_dir: str, real, protocol: Protocol, detector) -> tuple
         fields = {k: v for k, v in fields.items() if k not in ("clips", "frame_interval")}
     key = {"version": PROTOCOL_VERSION, "detector": detector.name, "real": real.identity(),
            "count": len(real), **fields}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:CACHE_DIGEST_CHARS]
     name = f"real_fvd{len(real)}_{protocol.num_frames}f_{digest}.npz"
     return os.path.join(cache_dir, name), key
 

@@ -26,10 +26,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fvdm_jax import sharding as shd
 from fvdm_jax.errors import ConfigError
-from fvdm_jax.files import progress
 from fvdm_jax.models.i3d import i3d_logits, load_i3d_weights, preprocess_for_i3d
+from fvdm_jax.runtime import sharding as shd
+from fvdm_jax.runtime.files import progress
 
 
 class FeatureStats:
@@ -173,10 +173,15 @@ def load_detector(spec: str, mesh, rules):
 # Features and statistics.
 
 
+# eval.batch_size counts videos of this many frames: longer videos go fewer to a detector call.
+BATCH_REFERENCE_FRAMES = 16
+
+
 def detector_batch_size(batch_size: int, num_frames: int, divisor: int) -> int:
     """Global videos per detector call: batch_size 16-frame videos' worth of frames, a multiple of
     the batch divisor (the mesh's data x fsdp size)."""
-    videos = max(1, batch_size * 16 // max(num_frames, 16))
+    reference = BATCH_REFERENCE_FRAMES
+    videos = max(1, batch_size * reference // max(num_frames, reference))
     return divisor * math.ceil(videos / divisor)
 
 

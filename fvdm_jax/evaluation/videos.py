@@ -22,8 +22,8 @@ import zipfile
 import numpy as np
 
 from fvdm_jax.data import clips
+from fvdm_jax.data.media import to_uint8
 from fvdm_jax.errors import ConfigError
-from fvdm_jax.media import to_uint8
 
 logger = logging.getLogger(__name__)
 

@@ -52,7 +52,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fvdm_jax import files
 from fvdm_jax.diffusion.schemes import COIN_SCHEMES, SCHEMES
 from fvdm_jax.diffusion.tasks import EVAL_TASKS, get_task
 from fvdm_jax.experiments.results import (
@@ -64,6 +63,7 @@ from fvdm_jax.experiments.results import (
     results_plot,
     summarize,
 )
+from fvdm_jax.runtime import files
 
 TASKS = EVAL_TASKS  # the tasks evaluation can score (fvdm_jax/diffusion/tasks.py)
 MIN_VIDEOS = 8
@@ -221,7 +221,7 @@ def guided_config(config, guidance: float | None):
 def base_config(args):
     """The recipe with the data, seeds and overrides applied (ptss.scheme and p are set per
     model)."""
-    from fvdm_jax.config_utils import load_config
+    from fvdm_jax.config.load import load_config
 
     if not os.path.isfile(args.config):
         raise ExperimentError(f"--config={args.config} does not exist; pass a configs/*.py file")
@@ -302,8 +302,8 @@ def _read_json(path: str):
 
 def train_model(config, workdir: str) -> None:
     """Trains (or finishes training) one model; a finished one is left alone."""
-    from fvdm_jax.checkpoint import TrainCheckpointer
-    from fvdm_jax.train import train
+    from fvdm_jax.checkpoint.manager import TrainCheckpointer
+    from fvdm_jax.training.loop import train
 
     ckpt = TrainCheckpointer(workdir, config.checkpoint)
     latest = ckpt.latest_step()
@@ -344,7 +344,7 @@ def evaluate_model(config, workdir: str, run: Run, tasks, seeds, guidances, num_
                    reals: RealSets, sheets_dir: str) -> list[dict]:
     """The FVD rows of one model, computing only those not stored yet. guidances: the history
     guidance scales of the zero-shot tasks."""
-    from fvdm_jax import media
+    from fvdm_jax.data import media
     from fvdm_jax.evaluation.features import task_features
     from fvdm_jax.evaluation.fvd import detector_batch_size, fvd_from_stats
     from fvdm_jax.sampling.sampler import VideoSampler
@@ -392,7 +392,7 @@ def evaluate_model(config, workdir: str, run: Run, tasks, seeds, guidances, num_
         rows.append(row)
         if seed == seeds[0] and keep:
             videos = np.stack(keep)
-            scale = media.sheet_scale(videos.shape[2], int(config.sample.get("sheet_frame_size", 1)))
+            scale = media.sheet_scale(videos.shape[2], int(config.sample.sheet_frame_size))
             os.makedirs(sheets_dir, exist_ok=True)
             media.write_png(os.path.join(sheets_dir, f"{run.name}_{task}{tag}.png"),
                             media.frame_grid(videos, scale=scale))
@@ -417,16 +417,15 @@ def run(argv) -> dict:
     described = check_data(config)
     import jax
 
-    from fvdm_jax import sharding as shd
+    from fvdm_jax.config.checks import check
     from fvdm_jax.evaluation.fvd import detector_batch_size, load_detector
-    from fvdm_jax.sampling.sampler import validate_sample_config
-    from fvdm_jax.train import validate_config
+    from fvdm_jax.runtime import sharding as shd
 
     try:  # every model's recipe and every guidance scale's sampling, before anything trains
         for item in runs:
-            validate_config(run_config(config, item), near=args.config)
+            check(run_config(config, item), "train", near=args.config)
         for guidance in guidances:
-            validate_sample_config(guided_config(config, guidance).sample, config.model)
+            check(guided_config(config, guidance), "sample", near=args.config)
     except ValueError as error:
         raise ExperimentError(str(error)) from None
     os.makedirs(args.out, exist_ok=True)

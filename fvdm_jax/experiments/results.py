@@ -15,8 +15,8 @@ import dataclasses
 import logging
 import os
 
-from fvdm_jax import files
 from fvdm_jax.diffusion.tasks import get_task
+from fvdm_jax.runtime import files
 
 
 def has_history(task: str) -> bool:

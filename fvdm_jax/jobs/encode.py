@@ -19,11 +19,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fvdm_jax import files
 from fvdm_jax.data import clips, latents
 from fvdm_jax.data.folder import VideoFolderSource
 from fvdm_jax.data.video import VideoReadError, iter_frames
 from fvdm_jax.errors import ConfigError
+from fvdm_jax.runtime import files
 
 
 def cache_dir(config, workdir: str) -> str:

@@ -23,48 +23,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import time
-from typing import Any
 
-import jax
-
-from fvdm_jax import files, metrics
-from fvdm_jax import sharding as shd
 from fvdm_jax.diffusion import tasks
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.evaluation import features
 from fvdm_jax.evaluation.features import check_generated_frames, protocol_from_config
-from fvdm_jax.evaluation.fvd import FeatureStats, detector_batch_size, fvd_from_stats, load_detector, video_set_features
-from fvdm_jax.evaluation.videos import SELECTIONS, FolderVideos, NpzVideos, open_real
-from fvdm_jax.models.i3d import I3D_MIN_FRAMES
+from fvdm_jax.evaluation.fvd import detector_batch_size, fvd_from_stats, load_detector, video_set_features
+from fvdm_jax.evaluation.records import EvalResult, append_record, latest_checkpoint_step, write_tensorboard
+from fvdm_jax.evaluation.videos import FolderVideos, NpzVideos, open_real
+from fvdm_jax.runtime import metrics
+from fvdm_jax.runtime import sharding as shd
 
 logger = logging.getLogger(__name__)
 
-EVAL_FILE = "eval.jsonl"
 DEFAULT_NUM_FRAMES = 16  # fvd2048_16f
-
-
-class EvalResult(dict):
-    """The record of one evaluation; printed as one JSON line."""
-
-    def __str__(self) -> str:
-        return json.dumps(self, sort_keys=True)
-
-
-def validate_eval_config(eval_config) -> None:
-    """One-line errors for bad eval.* values."""
-    if eval_config.task not in tasks.EVAL_TASKS:
-        raise ConfigError(f"eval.task={eval_config.task!r} is not supported; use one of {', '.join(tasks.EVAL_TASKS)}")
-    if eval_config.real_selection not in SELECTIONS:
-        raise ConfigError(f"eval.real_selection={eval_config.real_selection!r}; use one of {', '.join(SELECTIONS)}")
-    for key in ("num_videos", "subsample_factor", "batch_size", "train_num_videos"):
-        if int(eval_config[key]) < 1:
-            raise ConfigError(f"eval.{key}={eval_config[key]} must be at least 1")
-    if eval_config.num_frames is not None and eval_config.num_frames < I3D_MIN_FRAMES:
-        raise ConfigError(f"eval.num_frames={eval_config.num_frames}: I3D needs at least {I3D_MIN_FRAMES} frames")
 
 
 def _num_frames(config) -> int:
@@ -73,42 +48,9 @@ def _num_frames(config) -> int:
     return int(config.sample.total_frames) if tasks.get_task(config.eval.task).long else DEFAULT_NUM_FRAMES
 
 
-def latest_checkpoint_step(workdir: str) -> int:
-    folder = files.join(workdir, "checkpoints")
-    steps = [int(n) for n in files.listdir(folder) if n.isdigit()] if files.isdir(folder) else []
-    return max(steps, default=0)
-
-
-def append_record(workdir: str, record: dict) -> None:
-    """One JSON line in WORKDIR/eval.jsonl (process 0)."""
-    if jax.process_index() != 0:
-        return
-    files.makedirs(workdir)
-    path = files.join(workdir, EVAL_FILE)
-    if files.is_url(path):  # object stores cannot append
-        old = files.open_file(path).read() if files.isfile(path) else ""
-        files.write_text(path, old + json.dumps(record, sort_keys=True) + "\n")
-        return
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def write_tensorboard(workdir: str, step: int, scalars: dict) -> bool:
-    """TensorBoard scalars through clu when it imports (it needs tensorflow), on process 0;
-    False otherwise (FVD is in eval.jsonl either way)."""
-    writer = metrics.tensorboard_writer(workdir, fallback=EVAL_FILE)
-    if writer is None:
-        return False
-    writer.write_scalars(step, scalars)
-    writer.flush()
-    writer.close()
-    return True
-
-
 def eval_job(config, workdir: str) -> EvalResult:
     """FVD of generated videos (eval.generated, or sampled now from WORKDIR's checkpoint) against
     real videos; appends the record to WORKDIR/eval.jsonl and TensorBoard and returns it."""
-    validate_eval_config(config.eval)
     # A named protocol (eval.protocol) fixes its task, frames, real clips and stride.
     config, named = features.resolve_protocol(config)
     ev = config.eval
@@ -194,59 +136,3 @@ def eval_job(config, workdir: str) -> EvalResult:
     write_tensorboard(workdir, step, {f"eval/{metric}": fvd})
     metrics.write_plots(workdir)  # plots/fvd.png of the FVD that ran during training, if any
     return record
-
-
-_TRAINING_REAL: dict[str, FeatureStats] = {}
-_TRAINING_SAMPLERS: dict[Any, Any] = {}
-
-
-def _training_sampler(config, mesh):
-    """One VideoSampler per (config, mesh) and process: it compiles once; params come per call."""
-    from fvdm_jax.sampling.sampler import VideoSampler
-
-    key = (config.to_json_best_effort(sort_keys=True), mesh)
-    if key not in _TRAINING_SAMPLERS:
-        _TRAINING_SAMPLERS[key] = VideoSampler.from_config(config, None, mesh=mesh)
-    return _TRAINING_SAMPLERS[key]
-
-
-def training_fvd(config, workdir: str, step: int, params, mesh) -> dict[str, float]:
-    """FVD of eval.train_num_videos generated videos (the model's frames, task 'generate') against as
-    many real clips, for training: {'fvd{N}_{F}f': value}. Real statistics are cached on disk and in
-    memory, the I3D weights loaded once per process. params: the EMA parameters (may be sharded)."""
-    ev = config.eval
-    validate_eval_config(ev)
-    started = time.perf_counter()
-    rules = shd.rules_from_config(config.mesh)
-    detector = load_detector(ev.detector, mesh, rules)
-    sampler = _training_sampler(config, mesh)
-    num_frames, height = int(sampler.pixel_shape[0]), int(sampler.pixel_shape[1])
-    if num_frames < I3D_MIN_FRAMES:
-        raise ConfigError(f"FVD during training: the model makes {num_frames}-frame videos, I3D needs "
-                         f">= {I3D_MIN_FRAMES}; set eval.every_steps=0")
-    num = int(ev.train_num_videos)
-    protocol = protocol_from_config(config, num_frames, int(ev.resolution or height), num_videos=num)
-    batch = detector_batch_size(int(ev.batch_size), num_frames, detector.batch_divisor)
-    memory_key = json.dumps([dataclasses.asdict(protocol), ev.real_path, ev.split, config.data.get("path"),
-                             config.data.source, detector.name], sort_keys=True)
-    real_stats = _TRAINING_REAL.get(memory_key)
-    if real_stats is None:
-        real = open_real(config, protocol)
-        cache_dir = ev.cache_dir or os.path.join(workdir, "fvd_cache")
-        real_stats, _ = features.real_statistics(real, protocol, detector, cache_dir, batch, int(ev.num_workers))
-        _TRAINING_REAL[memory_key] = real_stats
-    fake_stats = features.generated_features(sampler, num, num_frames, detector, batch, int(ev.seed),
-                                    int(config.sample.batch_size), params=params)
-    fvd = fvd_from_stats(real_stats, fake_stats)
-    name = f"fvd{num}_{num_frames}f"
-    if jax.process_index() == 0:
-        try:  # the curve with this value, which the loop writes to metrics.jsonl after this returns
-            metrics.plot_fvd(workdir, current={int(step): {name: fvd}})
-        except Exception as error:  # noqa: BLE001 - a figure is not worth a crashed run
-            logger.warning("plots/fvd.png failed (%s); training goes on", error)
-    append_record(workdir, {"metric": name, "fvd": fvd, "step": int(step), "task": "generate",
-                            "num_generated": num, "num_real": int(real_stats.count), "training": True,
-                            "detector": detector.name, "seconds": time.perf_counter() - started,
-                            "time": datetime.datetime.now().isoformat(timespec="seconds"),
-                            **dataclasses.asdict(protocol)})
-    return {name: fvd}

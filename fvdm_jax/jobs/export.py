@@ -12,10 +12,11 @@ import os
 
 import ml_collections
 
-from fvdm_jax import sharding as shd
-from fvdm_jax.checkpoint import TrainCheckpointer, save_inference_checkpoint
-from fvdm_jax.recipe import weights_config
-from fvdm_jax.sampling.weights import abstract_params
+from fvdm_jax.checkpoint.inference import save_inference_checkpoint
+from fvdm_jax.checkpoint.manager import TrainCheckpointer
+from fvdm_jax.checkpoint.recipe import weights_config
+from fvdm_jax.runtime import sharding as shd
+from fvdm_jax.training.state import abstract_ema_params
 
 
 def with_saved_weights_config(config, saved: dict):
@@ -38,7 +39,7 @@ def export(config, workdir: str, output: str | None = None, devices=None) -> str
         rules = shd.rules_from_config(config.mesh)
 
         def abstract_for(saved):
-            return abstract_params(with_saved_weights_config(config, saved).model, mesh, rules)
+            return abstract_ema_params(with_saved_weights_config(config, saved).model, mesh, rules)
 
         # The newest checkpoint whose EMA weights verify (a damaged one is skipped, reported).
         latest, ema, saved = ckpt.restore_newest_good_ema(abstract_for)

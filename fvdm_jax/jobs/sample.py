@@ -15,10 +15,11 @@ import time
 import jax
 import numpy as np
 
-from fvdm_jax import files, media
+from fvdm_jax.data import media
 from fvdm_jax.diffusion import tasks
 from fvdm_jax.errors import ConfigError
-from fvdm_jax.sampling.sampler import VideoSampler, parse_ints, validate_sample_config
+from fvdm_jax.runtime import files
+from fvdm_jax.sampling.sampler import VideoSampler, parse_ints
 from fvdm_jax.sampling.weights import load_sampling_params
 
 DATA_INPUTS = "data"  # sample.inputs value: clips of config.data, also for extend / progressive
@@ -109,7 +110,7 @@ class JobInputs:
 
 def output_dir(config, workdir: str) -> str:
     s = config.sample
-    # A URL (gs://...) stays a URL: every write below goes through fvdm_jax.files.
+    # A URL (gs://...) stays a URL: every write below goes through fvdm_jax.runtime.files.
     return s.output_dir or files.join(
         workdir, "samples", f"{s.task}_{s.sampler}{s.num_steps}{_conditioning_tag(s)}_seed{s.seed}"
     )
@@ -118,7 +119,7 @@ def output_dir(config, workdir: str) -> str:
 def _conditioning_tag(s) -> str:
     """'' for the default conditioning, else '_<policy>' and '_hg<scale>' ('f<level>' appended
     for fractional history guidance), so a sweep of these options gets one folder per value."""
-    tag = "" if s.get("policy", "hold") == "hold" else f"_{s.policy}"
+    tag = "" if s.policy == "hold" else f"_{s.policy}"
     scale = float(s.get("history_guidance") or 0.0)
     if scale:
         tag += f"_hg{scale:g}"
@@ -132,7 +133,7 @@ def weights_identity(config, workdir: str) -> str:
     WORKDIR's latest checkpoint (more training must not mix into an earlier job's batches)."""
     if config.sample.get("checkpoint"):
         return files.resolve(config.sample.checkpoint)
-    from fvdm_jax.checkpoint import TrainCheckpointer
+    from fvdm_jax.checkpoint.manager import TrainCheckpointer
 
     ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)
     try:
@@ -149,22 +150,9 @@ def _record(config, model_config, weights: str) -> dict:
     return json.loads(json.dumps({"sample": s, "model": dict(model_config), "weights": weights}))
 
 
-def write_media(directory: str, videos: np.ndarray, first_index: int, fps: int, name: str,
-                sheet_frame_size: int = 1):
-    """MP4 + GIF per video (video_XXXXX) and one contact sheet `name`.png whose frames are
-    enlarged (nearest neighbour) to at least `sheet_frame_size` pixels."""
-    for i, video in enumerate(videos):
-        stem = files.join(directory, f"video_{first_index + i:05d}")
-        media.write_mp4(stem + ".mp4", video, fps)
-        media.write_gif(stem + ".gif", video, fps)
-    scale = media.sheet_scale(videos.shape[2], sheet_frame_size)
-    media.write_png(files.join(directory, f"{name}.png"), media.frame_grid(videos, scale=scale))
-
-
 def sample_job(config, workdir: str) -> str:
     """--mode=sample: writes OUT/samples.npz (returned), MP4/GIF/PNG media and OUT/sample.json."""
     s = config.sample
-    validate_sample_config(s, config.model)
     model_config, diffusion_config, params = load_sampling_params(config, workdir)
     sampler = VideoSampler.from_config(config, params, model_config=model_config,
                                        diffusion_config=diffusion_config)
@@ -210,8 +198,8 @@ def sample_job(config, workdir: str) -> str:
         if is_main:
             files.savez(path, videos=videos, labels=np.asarray(labels[:keep], np.int32))
             if s.save_media:
-                write_media(media_dir, videos, k * batch, int(s.fps), f"batch_{k:05d}",
-                            int(s.get("sheet_frame_size", 1)))
+                media.write_media(media_dir, videos, k * batch, int(s.fps), f"batch_{k:05d}",
+                            int(s.sheet_frame_size))
     if bar is not None:
         bar.close()
     if not is_main:

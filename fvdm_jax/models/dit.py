@@ -11,7 +11,7 @@ that scan without changing the parameter tree.
 
 The token stream is constrained by logical names (batch, act_frames, act_tokens, act_embed) after
 the patch embedding, after every block and before the final layer; the names become sharding
-constraints only when traced under fvdm_jax.sharding.activation_context (else no-ops).
+constraints only when traced under fvdm_jax.runtime.sharding.activation_context (else no-ops).
 """
 
 from __future__ import annotations

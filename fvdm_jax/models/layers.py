@@ -39,7 +39,7 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 def logical_init(init: Callable, names: Sequence[str | None]) -> Callable:
     """Wraps an initializer so that its parameter is annotated with logical axis names.
 
-    The names are metadata only (fvdm_jax/sharding.py turns them into shardings): the box's empty
+    The names are metadata only (fvdm_jax/runtime/sharding.py turns them into shardings): the box's empty
     rules make its own `unbox()` skip flax's sharding constraint, which would otherwise fire under
     an activation context, e.g. on the flattened kernel that DenseGeneral unboxes and reshapes
     while flax checks parameter shapes in every `apply` (a rank mismatch error).

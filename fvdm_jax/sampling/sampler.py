@@ -39,8 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fvdm_jax import media
-from fvdm_jax import sharding as shd
+from fvdm_jax.data import media
 from fvdm_jax.diffusion import staggered, tasks
 from fvdm_jax.diffusion.gaussian import eps_output
 from fvdm_jax.diffusion.guidance import HISTORY_MODES, HistoryGuidance, guided_model_fn
@@ -48,7 +47,9 @@ from fvdm_jax.diffusion.samplers import POLICIES, SAMPLERS, make_sampler
 from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.models.dit import model_from_config
-from fvdm_jax.sampling.weights import boxed_params, unwrap_params
+from fvdm_jax.runtime import sharding as shd
+from fvdm_jax.sampling.weights import unwrap_params
+from fvdm_jax.training.state import abstract_state
 
 
 def parse_ints(text, name: str) -> list[int] | None:
@@ -65,7 +66,7 @@ def validate_sample_config(sample: Mapping[str, Any], model: Mapping[str, Any]) 
     """One-line errors for bad sample settings (before anything is loaded)."""
     for key, allowed in (("task", tasks.TASK_NAMES), ("sampler", SAMPLERS), ("policy", POLICIES),
                          ("history_guidance_mode", HISTORY_MODES)):
-        value = sample.get(key, OPTION_DEFAULTS.get(key))
+        value = sample[key]
         if value not in allowed:
             raise ConfigError(f"sample.{key}={value!r} is not one of {list(allowed)}")
     bad_tasks = [t for t in sample["train_tasks"] if t not in tasks.TASKS]
@@ -122,10 +123,11 @@ def _validate_guidance_and_policy(sample: Mapping[str, Any]) -> None:
                           "sample.policy='released': use hold or replace")
 
 
-OPTION_DEFAULTS = dict(
-    sampler="ddim", num_steps=50, eta=0.0, clip_denoised=False, cfg_scale=1.0, policy="hold",
-    noise_multiplier=0.0, frame_indices=None, overlap=None, total_frames=128, slope=0.1, delay=1,
-    history_guidance=0.0, history_guidance_mode="vanilla", history_noise_level=None,
+# The keys of config.sample the sampler reads (their defaults are configs/default.py's).
+OPTION_KEYS = (
+    "sampler", "num_steps", "eta", "clip_denoised", "cfg_scale", "policy", "noise_multiplier",
+    "frame_indices", "overlap", "total_frames", "slope", "delay", "history_guidance",
+    "history_guidance_mode", "history_noise_level",
 )
 
 
@@ -133,7 +135,7 @@ class VideoSampler:
     """Samples any task with one model on a mesh; compiles once per (task shape, batch size).
 
     model_config: the model section (a mapping); schedule: the diffusion `Schedule`; options: the
-    sampling options (the keys of OPTION_DEFAULTS, e.g. config.sample); mesh and rules: where the
+    sampling options (config.sample; the keys of OPTION_KEYS); mesh and rules: where the
     batch and the parameters live; vae: the vae section when the model samples VAE latents
     (decoded to pixels here), else None. params: {'params': ...} or the bare tree (EMA weights);
     may also be given per `run`. ptss_p: the PTSS probability the weights were trained with
@@ -144,7 +146,11 @@ class VideoSampler:
                  options: Mapping[str, Any], *, mesh, rules, vae: Mapping[str, Any] | None = None,
                  params=None, ptss_p: float | None = None):
         self.model_config = dict(model_config)
-        self.options = {**OPTION_DEFAULTS, **{k: options[k] for k in OPTION_DEFAULTS if k in options}}
+        missing = [k for k in OPTION_KEYS if k not in options]
+        if missing:
+            raise ConfigError(f"sample options lack {missing}: pass a config's sample section "
+                              f"(configs/default.py holds every key)")
+        self.options = {k: options[k] for k in OPTION_KEYS}
         self.model = model_from_config(self.model_config)
         self.schedule = schedule
         self.mesh, self.rules = mesh, rules
@@ -166,8 +172,7 @@ class VideoSampler:
             self._model_fn, self.schedule, sampler=o["sampler"], eta=float(o["eta"]),
             clip_denoised=bool(o["clip_denoised"]), history_guidance=self.history_guidance,
         )
-        boxed = boxed_params(self.model, m)
-        self.param_shardings = shd.logical_shardings(boxed, self.mesh, self.rules)
+        self.param_shardings = abstract_state(self.model, self.mesh, self.rules)[1].params
         self.params = None if params is None else self.place_params(params)
 
     @classmethod

@@ -3,7 +3,7 @@ imports, and DIR/plots/ (loss.png; fvd.png once FVD ran during training).
 
 clu's writers import tensorflow; on machines without it (accelerator images often lack it),
 metrics still go to metrics.jsonl. Only the TensorBoard writer of clu is used: the console line
-of a log step is the loop's own (fvdm_jax/console.py), never repeated by clu's logging writer.
+of a log step is the loop's own (fvdm_jax/runtime/console.py), never repeated by clu's logging writer.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from fvdm_jax import files
+from fvdm_jax.runtime import files
 
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
@@ -49,22 +49,30 @@ def _row_step(line: str) -> float:
 
 
 class _UrlAppender:
-    """'a'-mode writes to a URL (object stores cannot append): the whole file is rewritten on
-    each flush, which happens at every logged step (small: one row per log interval)."""
+    """'a'-mode writes to a URL (object stores cannot append): rows are kept in memory and the
+    whole file is rewritten at most every `every_sec` seconds and at close, so a long run costs
+    a bounded number of uploads, not one per logged step."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, every_sec: float = 60.0):
         self.path = path
+        self.every_sec = float(every_sec)
         self.text = ""
+        self._written = time.monotonic()
         if files.isfile(path):
             with files.open_file(path) as f:
                 self.text = f.read()
 
     def write(self, text: str) -> None:
         self.text += text
+        if time.monotonic() - self._written >= self.every_sec:
+            self.flush()
+
+    def flush(self) -> None:
         files.write_text(self.path, self.text)
+        self._written = time.monotonic()
 
     def close(self) -> None:
-        pass
+        self.flush()
 
 
 
@@ -87,7 +95,7 @@ def tensorboard_writer(workdir: str, fallback: str = METRICS_FILE):
 
 class MetricsLogger:
     """Writes scalars per logged step to metrics.jsonl and TensorBoard. Only process 0 writes;
-    the console line is not this class's (see fvdm_jax/console.py)."""
+    the console line is not this class's (see fvdm_jax/runtime/console.py)."""
 
     def __init__(self, workdir: str, start_step: int = 0):
         """start_step: the step training resumes from; rows of later steps (written before a crash,
@@ -98,7 +106,7 @@ class MetricsLogger:
             files.makedirs(workdir)
             path = files.join(workdir, METRICS_FILE)
             _drop_rows_after(path, start_step)
-            # A bucket has no appends: rows go to a local buffer file, copied up at close.
+            # A bucket has no appends: rows are rewritten there every minute and at close.
             self._jsonl = open(path, "a", buffering=1) if not files.is_url(path) else _UrlAppender(path)
         self._writer = tensorboard_writer(workdir)
         self._last_time = None

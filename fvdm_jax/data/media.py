@@ -17,7 +17,8 @@ import numpy as np
 from fvdm_jax.data.clips import short_side_resize_crop, to_signed_unit
 from fvdm_jax.data.video import VideoReadError, is_image_file, is_video_file, read_frames
 from fvdm_jax.errors import ConfigError
-from fvdm_jax.files import atomic_path
+from fvdm_jax.runtime import files
+from fvdm_jax.runtime.files import atomic_path
 
 
 def to_uint8(videos) -> np.ndarray:
@@ -155,3 +156,15 @@ def load_input(path: str, size: int, max_frames: int | None = None) -> np.ndarra
 def load_inputs(paths: Sequence[str], size: int, max_frames: int | None = None) -> list[np.ndarray]:
     """`load_input` of each path: a list of float32 (K_i, size, size, 3) clips."""
     return [load_input(p, size, max_frames) for p in paths]
+
+
+def write_media(directory: str, videos: np.ndarray, first_index: int, fps: int, name: str,
+                sheet_frame_size: int = 1):
+    """MP4 + GIF per video (video_XXXXX) and one contact sheet `name`.png whose frames are
+    enlarged (nearest neighbour) to at least `sheet_frame_size` pixels."""
+    for i, video in enumerate(videos):
+        stem = files.join(directory, f"video_{first_index + i:05d}")
+        write_mp4(stem + ".mp4", video, fps)
+        write_gif(stem + ".gif", video, fps)
+    scale = sheet_scale(videos.shape[2], sheet_frame_size)
+    write_png(files.join(directory, f"{name}.png"), frame_grid(videos, scale=scale))

@@ -30,28 +30,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fvdm_jax.errors import ConfigError
 
-# Logical name -> mesh axis (or tuple of axes, or None). The defaults of config.mesh.rules.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("qkv", None),
-    ("embed_in", None),
-    ("freq", None),
-    ("patch", None),
-    ("vocab", None),
-    ("layers", None),
-    # Activations (the token stream between DiT blocks). Their feature dim is not 'embed': with
-    # FSDP the weights are sharded along the width, the activations are not.
-    ("act_frames", None),
-    ("act_tokens", None),
-    ("act_embed", None),
-)
-
-# The keys of config.mesh.
-
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """Resolves one -1 entry to the remaining devices; checks the product."""
@@ -100,7 +78,11 @@ def make_mesh(mesh_config: Mapping[str, Any], devices=None) -> Mesh:
 
 
 def rules_from_config(mesh_config: Mapping[str, Any]) -> tuple:
-    rules = mesh_config.get("rules") or DEFAULT_RULES
+    """config.mesh.rules (configs/default.py holds the table) as a tuple of (logical, mesh axes)."""
+    rules = mesh_config.get("rules")
+    if not rules:
+        raise ValueError("config.mesh.rules is empty: keep the table of configs/default.py or "
+                         "give (logical name, mesh axes) pairs")
     return tuple((str(name), tuple(axis) if isinstance(axis, list) else axis) for name, axis in rules)
 
 
@@ -152,20 +134,12 @@ def spec_for(shape: Sequence[int], logical: Sequence[str | None] | None, mesh: M
     return _divisible_spec(tuple(shape), logical, mesh, rules)[0]
 
 
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _param_path(path) -> str:
     """'params/blocks/spatial/attn/qkv/kernel' for a leaf of a variables tree, of a TrainState
     (params, EMA, optimizer moments: the part from the last 'params' collection key on)."""
-    names = [_key_name(k) for k in path]
-    starts = [i for i, (k, n) in enumerate(zip(path, names))
-              if n == "params" and isinstance(k, jax.tree_util.DictKey)]
-    return "/".join(names[starts[-1]:] if starts else names) or "<root>"
+    starts = [i for i, k in enumerate(path) if isinstance(k, jax.tree_util.DictKey) and k.key == "params"]
+    path = path[starts[-1]:] if starts else path
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/") or "<root>"
 
 
 def logical_shardings(boxed_tree, mesh: Mesh, rules, *, strict: bool = False):

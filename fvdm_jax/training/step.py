@@ -14,30 +14,20 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from fvdm_jax import sharding as shd
 from fvdm_jax.diffusion.losses import training_losses
 from fvdm_jax.diffusion.ptss import PTSS_MODES
 from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.diffusion.schemes import SCHEMES, draw_frame_timesteps
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.models.dit import DiT, drop_labels
+from fvdm_jax.runtime import sharding as shd
+from fvdm_jax.training.state import TrainState
 
 LR_SCHEDULES = ("constant", "warmup_cosine")
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # () int32: completed optimizer steps
-    params: Any  # {'params': ...}
-    ema_params: Any  # same tree, float32 EMA of params
-    opt_state: Any
-    first_nonfinite_step: jax.Array  # () int32: first step with a non-finite loss/grad, else -1
 
 
 def validate_train_config(train: Mapping[str, Any], ptss: Mapping[str, Any]):
@@ -93,24 +83,6 @@ def make_optimizer(train: Mapping[str, Any]) -> optax.GradientTransformation:
         b2=float(train["b2"]),
         eps=float(train["eps"]),
         weight_decay=float(train["weight_decay"]),
-    )
-
-
-def init_state(rng, model: DiT, optimizer, *, boxed: bool) -> TrainState:
-    """A fresh state; `boxed` keeps the logical-axis boxes (for computing shardings abstractly)."""
-    f, s, c = model.num_frames, model.input_size, model.in_channels
-    x = jnp.zeros((1, f, s, s, c), jnp.float32)
-    t = jnp.zeros((1, f), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-    params = model.init(rng, x, t, y)
-    if not boxed:
-        params = nn.unbox(params)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        ema_params=jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params),
-        opt_state=optimizer.init(params),
-        first_nonfinite_step=jnp.full((), -1, jnp.int32),
     )
 
 
@@ -245,8 +217,8 @@ class JittedTrainStep:
 
     The step is traced (called, lowered) inside `shd.activation_context(mesh, rules)`, so the
     model's logical activation constraints take effect. `mesh` defaults to the mesh of the
-    shardings and `rules` to `shd.DEFAULT_RULES`; pass `rules=setup.rules` for custom
-    config.mesh.rules. Without a mesh (no NamedShardings given) the constraints stay no-ops.
+    shardings; `rules` are config.mesh.rules (`setup.rules`). Without a mesh (no NamedShardings
+    given) the constraints stay no-ops.
     `coin_groups` (ptss.mode=per_device: one coin per data shard) defaults to `data_shards` of
     the batch shardings.
     """
@@ -261,14 +233,14 @@ class JittedTrainStep:
         state_shardings,
         batch_shardings,
         *,
+        rules,
         mesh=None,
-        rules=None,
         coin_groups=None,
     ):
         self.traces = 0
         self.coin_groups = int(coin_groups) if coin_groups is not None else data_shards(batch_shardings)
         self.mesh = mesh if mesh is not None else _mesh_of((batch_shardings, state_shardings))
-        self.rules = tuple(rules) if rules is not None else shd.DEFAULT_RULES
+        self.rules = tuple(rules)
 
         def step(state, batch):
             self.traces += 1  # runs only while tracing

@@ -83,7 +83,7 @@ def progress(total: int, desc: str, *, unit: str = "video", leave: bool = False)
     """Progress on process 0: a tqdm bar on a terminal, plain periodic lines in logs (no TTY,
     CI, SLURM), as console.progress says; None on other processes or with console.progress=off.
     Use with `bar.update(n)` / `bar.close()` (both guarded by `if bar is not None`)."""
-    from fvdm_jax import console
+    from fvdm_jax.runtime import console
 
     return console.bar(total, desc, unit=unit, leave=leave)
 

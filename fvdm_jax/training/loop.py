@@ -21,20 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fvdm_jax import console
-from fvdm_jax import sharding as shd
-from fvdm_jax.checkpoint import TrainCheckpointer
-from fvdm_jax.config_schema import validate
+from fvdm_jax.checkpoint.manager import TrainCheckpointer
+from fvdm_jax.checkpoint.recipe import check_resume
 from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.models.dit import DiT, model_from_config
-from fvdm_jax.recipe import check_resume
-from fvdm_jax.train_step import (
+from fvdm_jax.runtime import console
+from fvdm_jax.runtime import sharding as shd
+from fvdm_jax.training.state import TrainState, abstract_state, init_state
+from fvdm_jax.training.step import (
     JittedTrainStep,
-    TrainState,
-    init_state,
     make_optimizer,
-    validate_train_config,
 )
 
 
@@ -70,20 +67,6 @@ class TrainResult:
     exit_code: int = 0  # for the process: 0 finished, EXIT_SIGTERM / EXIT_SIGINT preempted
 
 
-def validate_config(config, near: str | None = None) -> None:
-    """The whole config against its schema (configs/default.py), then the checks that relate
-    several keys of the sections training reads; ConfigError names the bad key and value."""
-    validate(config, near=near)
-    try:
-        model_from_config(config.model)
-        Schedule.from_config(config.diffusion)
-        validate_train_config(config.train, config.ptss)
-    except ConfigError:
-        raise
-    except ValueError as error:  # the engine's own argument checks
-        raise ConfigError(str(error)) from None
-
-
 @dataclasses.dataclass
 class Setup:
     """Everything derived from the config before any array is allocated."""
@@ -99,7 +82,6 @@ class Setup:
 
 
 def build_setup(config, devices=None) -> Setup:
-    validate_config(config)
     model = model_from_config(config.model)
     schedule = Schedule.from_config(config.diffusion)
     optimizer = make_optimizer(config.train)
@@ -114,18 +96,14 @@ def build_setup(config, devices=None) -> Setup:
             f"data x fsdp mesh size {divisor} and by the {jax.process_count()} processes; change "
             f"train.batch_size or config.mesh.shape"
         )
-    rng = jax.random.key(int(config.train.seed))
-    boxed = jax.eval_shape(lambda r: init_state(r, model, optimizer, boxed=True), rng)
-    state_shardings = shd.logical_shardings(boxed, mesh, rules, strict=shd.strict_from_config(config.mesh))
-    unboxed = jax.eval_shape(lambda r: init_state(r, model, optimizer, boxed=False), rng)
-    abstract_state = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed, state_shardings
-    )
+    abstract, state_shardings = abstract_state(
+        model, mesh, rules, optimizer, strict=shd.strict_from_config(config.mesh),
+        seed=int(config.train.seed))
     batch_shardings = {
         "video": shd.batch_sharding(mesh, rules, 5),
         "label": shd.batch_sharding(mesh, rules, 1),
     }
-    return Setup(model, schedule, optimizer, mesh, rules, state_shardings, abstract_state, batch_shardings)
+    return Setup(model, schedule, optimizer, mesh, rules, state_shardings, abstract, batch_shardings)
 
 
 def create_state(setup: Setup, seed: int) -> TrainState:
@@ -268,7 +246,7 @@ def train(
     `step_hook(step)` is called on the host after each dispatched step (tests use it).
     """
     from fvdm_jax.data.pipeline import host_batches, make_source
-    from fvdm_jax.metrics import MetricsLogger, write_plots
+    from fvdm_jax.runtime.metrics import MetricsLogger, write_plots
 
     setup = build_setup(config, devices)
     train_cfg = config.train
@@ -283,8 +261,8 @@ def train(
     latest = None if resumed is None else resumed[0]
     init_from = train_cfg.get("init_from")
     if resumed is None and init_from:
-        # Fine-tuning: pretrained weights, a fresh optimizer, EMA = the weights (init_weights.py).
-        from fvdm_jax.init_weights import state_from_pretrained
+        # Fine-tuning: pretrained weights, a fresh optimizer, EMA = the weights (training/init_from.py).
+        from fvdm_jax.training.init_from import state_from_pretrained
 
         state, _ = state_from_pretrained(setup, config)
         start = int(jax.device_get(state.step))
@@ -426,7 +404,7 @@ def _config_record(config, setup: Setup) -> dict:
 
 def _train_flops_per_video(config) -> float | None:
     try:
-        from fvdm_jax.flops import model_flops_from_config
+        from fvdm_jax.training.flops import model_flops_from_config
     except ImportError:
         return None
     return 3.0 * model_flops_from_config(config.model)
@@ -435,6 +413,6 @@ def _train_flops_per_video(config) -> float | None:
 def _peak_flops(train_cfg) -> float | None:
     if train_cfg.get("peak_flops_per_device"):
         return float(train_cfg["peak_flops_per_device"])
-    from fvdm_jax.flops import peak_flops_per_device
+    from fvdm_jax.training.flops import peak_flops_per_device
 
     return peak_flops_per_device(jax.devices()[0].device_kind)

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fvdm_jax import files
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.models.dit import DiT, model_from_config
-from fvdm_jax.train_step import TrainState
+from fvdm_jax.runtime import files
+from fvdm_jax.training.state import TrainState, abstract_ema_params
 
 INFERENCE, WORKDIR, OFFICIAL = "inference checkpoint", "training workdir", "official state_dict"
 # The DiT attributes that decide which pretrained parameters fit (compared for the log).
@@ -105,7 +105,7 @@ def _names(tree) -> dict[str, Any]:
     if set(tree.keys()) == {"params"}:
         tree = tree["params"]
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
 
 
 def read_pretrained(path: str, config, mesh, rules) -> Pretrained:
@@ -113,14 +113,13 @@ def read_pretrained(path: str, config, mesh, rules) -> Pretrained:
     path = files.resolve(path)
     kind = source_kind(path)
     if kind == INFERENCE:
-        from fvdm_jax.checkpoint import load_inference_checkpoint
+        from fvdm_jax.checkpoint.inference import load_inference_checkpoint
 
         params, saved = load_inference_checkpoint(path)
         return Pretrained(path, kind, _names(params), dict(saved["model"]), dict(saved["diffusion"]),
                           None, [])
     if kind == WORKDIR:
-        from fvdm_jax.checkpoint import TrainCheckpointer
-        from fvdm_jax.sampling.weights import abstract_params
+        from fvdm_jax.checkpoint.manager import TrainCheckpointer
 
         def source_model(saved):  # the saved model keys over this config's (for keys it lacks)
             stored = saved.get("model") or {}
@@ -131,7 +130,7 @@ def read_pretrained(path: str, config, mesh, rules) -> Pretrained:
             if ckpt.latest_step() is None:
                 raise ConfigError(f"train.init_from={path}: {ckpt.directory} holds no checkpoint yet")
             step, ema, saved = ckpt.restore_newest_good_ema(
-                lambda saved: abstract_params(source_model(saved), mesh, rules))
+                lambda saved: abstract_ema_params(source_model(saved), mesh, rules))
         finally:
             ckpt.close()
         return Pretrained(path, kind, _names(ema), source_model(saved), dict(saved.get("diffusion") or {}),

@@ -55,7 +55,7 @@ def recipe_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 
 def check_resume(saved: Mapping[str, Any], config, step: int, directory: str) -> None:
-    """Raises ValueError (one line) if `config` changes the recipe of the checkpoint at `step`."""
+    """Raises ConfigError (one line) if `config` changes the recipe of the checkpoint at `step`."""
     changes = recipe_changes(saved, config)
     if not changes:
         return

@@ -5,10 +5,10 @@ are the only ones that exist, the type of each default is the type of that key
 (`config_dict.placeholder(T)` marks a key that may be None or a T), and every other config starts
 from it, so a key it has and a config lacks is a broken config. On top of that come two tables:
 CHOICES, the allowed values of the enum-like keys (taken from the engine modules' constants), and
-RANGES, the simple numeric bounds of single keys. Checks that relate several keys (batch divisible
-by the mesh, size='custom' needs the dimensions, ...) stay in the modules that need them.
+RANGES, the simple numeric bounds of single keys. Checks that relate several keys (size='custom'
+needs the dimensions, ...) are fvdm_jax/config/checks.py's, which runs this one first.
 
-    from fvdm_jax import config_schema
+    from fvdm_jax.config import schema as config_schema
     config_schema.validate(config)  # raises ConfigError, a ValueError with a one-line message
 
 Where the schema comes from: `default_config_path` prefers the default.py next to the config file
@@ -17,9 +17,8 @@ always has one), then <repo root>/configs/default.py (the parent of the fvdm_jax
 checkout or an editable install). A non-editable install ships no configs/, so without `near` no
 schema may be found: then `validate` logs one warning and checks only CHOICES and RANGES.
 
-This module imports nothing heavy at import time: the schema (which imports fvdm_jax.sharding) and
-the engine constants behind CHOICES (`config_schema.CHOICES` is computed on first access) are
-loaded on first use, so any module may import it without import cycles.
+This module imports nothing heavy at import time: the schema file and the engine constants
+behind CHOICES (`config_schema.CHOICES` is computed on first access) are loaded on first use.
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ def default_config_path(near: str | None = None) -> str | None:
 
 def default_config(near: str | None = None):
     """A fresh ConfigDict of configs/default.py (see `default_config_path`)."""
-    from fvdm_jax.config_utils import load_config_module
+    from fvdm_jax.config.load import load_config_module
 
     path = default_config_path(near)
     if path is None:
@@ -108,7 +107,7 @@ def _schema_of(cfg, prefix: str) -> Schema:
 
 @functools.lru_cache(maxsize=8)
 def _schema_at(path: str) -> Schema:
-    from fvdm_jax.config_utils import load_config_module
+    from fvdm_jax.config.load import load_config_module
 
     return _schema_of(load_config_module(path).get_config(), "")
 
@@ -135,7 +134,6 @@ def _warn_no_schema() -> None:
 def choices() -> Mapping[str, tuple]:
     """{'section.key': allowed values}. For a key whose default is a sequence, every element must
     be one of them. None passes wherever the default is a placeholder."""
-    from fvdm_jax.console import PROGRESS_MODES
     from fvdm_jax.data import SOURCES
     from fvdm_jax.data.clips import DATASETS
     from fvdm_jax.data.folder import CLASS_IDS, SPLITS
@@ -149,7 +147,8 @@ def choices() -> Mapping[str, tuple]:
     from fvdm_jax.evaluation.videos import SELECTIONS
     from fvdm_jax.models.dit import DTYPES, MODEL_SIZES, REMAT_POLICIES
     from fvdm_jax.models.layers import ATTENTION_IMPLEMENTATIONS
-    from fvdm_jax.train_step import LR_SCHEDULES
+    from fvdm_jax.runtime.console import PROGRESS_MODES
+    from fvdm_jax.training.step import LR_SCHEDULES
 
     # VideoFolderSource and the real FVD clips also read '' and 'all' as every video (None).
     splits = tuple(SPLITS) + ("all", "")

@@ -1,15 +1,10 @@
-"""Checkpoint formats. The inference checkpoint is shared by every job:
-
-    DIR/params        an orbax pytree of model parameters ({'params': ...}; EMA weights when trained)
-    DIR/config.json   {'model': {...}, 'diffusion': {...}} (the config sections that define the model)
-
-It is written by the official-checkpoint converter and by training's export, and read by sampling
-and evaluation.
+"""Training checkpoints: state (params, EMA, optimizer) + data-iterator state + config JSON +
+fingerprints, through one orbax CheckpointManager; the newest one that reads back and verifies is
+restored, damaged ones are moved aside. Inference checkpoints are fvdm_jax/checkpoint/inference.py's.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -17,93 +12,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from fvdm_jax import files
+from fvdm_jax.checkpoint.inference import plain_config
 from fvdm_jax.errors import ConfigError
-
-PARAMS_DIR = "params"
-CONFIG_FILE = "config.json"
-
-
-def _plain(config: Mapping[str, Any]) -> dict:
-    """A ConfigDict or mapping -> JSON-ready nested dict."""
-    if hasattr(config, "to_dict"):
-        config = config.to_dict()
-    return json.loads(json.dumps(dict(config)))
-
-
-def save_inference_checkpoint(
-    directory: str, params, model_config: Mapping[str, Any], diffusion_config: Mapping[str, Any]
-) -> str:
-    """Writes params + config.json to `directory` (created; must not hold a checkpoint yet).
-
-    params: numpy arrays, or jax Arrays as they lie on the mesh; with several processes every
-    process calls this (each writes its own shards) and process 0 writes config.json."""
-    import orbax.checkpoint as ocp
-
-    directory = files.resolve(directory)
-    params_dir = files.join(directory, PARAMS_DIR)
-    exists = files.exists(params_dir)
-    if jax.process_count() > 1:  # every process decides alike, before anyone writes
-        from jax.experimental import multihost_utils
-
-        exists = bool(multihost_utils.broadcast_one_to_all(np.asarray(exists)))
-    if exists:
-        raise FileExistsError(
-            f"{params_dir} already exists; choose an empty output directory or remove it first"
-        )
-    if jax.process_index() == 0:
-        files.makedirs(directory)
-    params = jax.tree_util.tree_map(lambda a: a if isinstance(a, jax.Array) else np.asarray(a), params)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(params_dir, params)
-    checkpointer.wait_until_finished()
-    if jax.process_index() == 0:
-        config = {"model": _plain(model_config), "diffusion": _plain(diffusion_config)}
-        files.write_json(files.join(directory, CONFIG_FILE), config, indent=2)
-    return directory
-
-
-def load_inference_config(directory: str) -> dict:
-    path = files.join(files.resolve(directory), CONFIG_FILE)
-    if not files.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: an inference checkpoint directory holds params/ and config.json "
-            f"(write one with `python -m fvdm_jax.convert` or training's --mode=export)"
-        )
-    with files.open_file(path) as f:
-        config = json.load(f)
-    for section in ("model", "diffusion"):
-        if section not in config:
-            raise ConfigError(f"{path} has no '{section}' section")
-    return config
-
-
-def load_inference_checkpoint(directory: str, target=None):
-    """Returns (params, config). `target`: an abstract pytree (with shardings) to restore onto;
-    None: numpy arrays on the host, whatever mesh or process count the export was written from."""
-    import orbax.checkpoint as ocp
-
-    config = load_inference_config(directory)
-    params_dir = files.join(files.resolve(directory), PARAMS_DIR)
-    if not files.isdir(params_dir):
-        raise FileNotFoundError(f"{params_dir} not found: the checkpoint has no parameters")
-    checkpointer = ocp.StandardCheckpointer()
-    if target is None:
-        # Onto this process's first device, whatever mesh the export was written from.
-        tree = checkpointer.metadata(params_dir)
-        tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree,
-            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-        # Host numpy arrays: every process holds them whole and places them on its mesh.
-        return jax.device_get(checkpointer.restore(params_dir, target)), config
-    return checkpointer.restore(params_dir, target), config
-
-
-# ----------------------------------------------------------------------------------------------
-# Training checkpoints: state (params, EMA, optimizer) + data-iterator state + config JSON.
-
+from fvdm_jax.runtime import files
 
 
 def _state_snapshot(data_iter):
@@ -128,7 +39,6 @@ def _state_snapshot(data_iter):
     return _Snapshot(data_iter.get_state())
 
 
-TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix for a save still being written
 QUARANTINE_DIR = "checkpoints_damaged"  # WORKDIR/<this>/<step>: checkpoints that failed to verify
 
 
@@ -136,12 +46,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, or no good one can be read back (one line)."""
 
 
+CAUSE_CHARS = 300  # an error's one line keeps this much of the innermost cause
+
+
 def _cause(error: BaseException) -> str:
     """The innermost cause of an orbax / tensorstore error, in one line."""
     while error.__cause__ is not None or error.__context__ is not None:
         error = error.__cause__ or error.__context__
     text = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {text[:300]}"
+    return f"{type(error).__name__}: {text[:CAUSE_CHARS]}"
 
 
 def _sync(name: str) -> None:
@@ -178,14 +91,14 @@ class TrainCheckpointer:
                 f"no checkpoint under {self.directory}: train first (--mode=train), or set "
                 f"--config.sample.checkpoint=DIR (an exported or converted inference checkpoint)"
             )
-        if not read_only:
-            self._remove_unfinished_saves()
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=self.every_steps,
             max_to_keep=int(checkpoint_config["keep"]),
             enable_async_checkpointing=bool(checkpoint_config["async_save"]),
             read_only=read_only,
             create=not read_only,
+            # The tmp folders of saves a crash cut short (an XL one holds ~11 GB), removed at start.
+            cleanup_tmp_directories=not read_only,
         )
         self.read_only = read_only
         self.quarantine_directory = files.join(files.resolve(workdir), QUARANTINE_DIR)
@@ -193,16 +106,6 @@ class TrainCheckpointer:
             self.directory, options=options,
             item_names=("state", "data_iter", "config", "fingerprints"),
         )
-
-    def _remove_unfinished_saves(self) -> None:
-        """Deletes the tmp folders of saves that a crash cut short (orbax never reads them; an XL
-        one holds ~11 GB). Only at start, before this run saves anything, and on process 0."""
-        if jax.process_index() != 0 or not files.isdir(self.directory):
-            return
-        for name in files.listdir(self.directory):
-            if TMP_MARKER in name:
-                logging.warning("removing the unfinished save %s", files.join(self.directory, name))
-                files.rmtree(files.join(self.directory, name))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -212,12 +115,12 @@ class TrainCheckpointer:
         import orbax.checkpoint as ocp
         from flax import serialization
 
-        from fvdm_jax.integrity import fingerprints
+        from fvdm_jax.checkpoint.integrity import fingerprints
 
         state_dict = serialization.to_state_dict(state)
         items = dict(
             state=ocp.args.StandardSave(state_dict),
-            config=ocp.args.JsonSave(_plain(config)),
+            config=ocp.args.JsonSave(plain_config(config)),
             # Checksums of every array, taken on the devices before the (async) write.
             fingerprints=ocp.args.JsonSave(fingerprints(state_dict)),
         )
@@ -278,7 +181,7 @@ class TrainCheckpointer:
         recipe (its ConfigError passes through: a refusal, not damage)."""
         from flax import serialization
 
-        from fvdm_jax.integrity import compare, fingerprints, non_finite, shape_mismatches
+        from fvdm_jax.checkpoint.integrity import compare, fingerprints, non_finite, shape_mismatches
 
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
@@ -360,7 +263,7 @@ class TrainCheckpointer:
         """(step, EMA params) of the newest checkpoint whose EMA weights read back and match their
         fingerprints; damaged ones are skipped with an error line (sampling never moves files).
         abstract_ema_for(saved config) -> the abstract EMA tree of that checkpoint's model."""
-        from fvdm_jax.integrity import compare, fingerprints, non_finite
+        from fvdm_jax.checkpoint.integrity import compare, fingerprints, non_finite
 
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:

@@ -1,0 +1,65 @@
+"""The training state and its abstract, sharded form: one definition for every reader.
+
+`abstract_state` is the one place that turns a model (and optimizer) into ShapeDtypeStructs
+carrying their NamedShardings on a mesh: the loop restores and creates the state on it,
+fine-tuning places pretrained weights on it, sampling and export restore the EMA weights onto
+its `ema_params` (float32, whatever model.param_dtype is). Nothing is allocated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fvdm_jax.models.dit import DiT, model_from_config
+from fvdm_jax.runtime import sharding as shd
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # () int32: completed optimizer steps
+    params: Any  # {'params': ...}
+    ema_params: Any  # same tree, float32 EMA of params
+    opt_state: Any
+    first_nonfinite_step: jax.Array  # () int32: first step with a non-finite loss/grad, else -1
+
+
+def init_state(rng, model: DiT, optimizer, *, boxed: bool) -> TrainState:
+    """A fresh state; `boxed` keeps the logical-axis boxes (for computing shardings abstractly)."""
+    f, s, c = model.num_frames, model.input_size, model.in_channels
+    x = jnp.zeros((1, f, s, s, c), jnp.float32)
+    t = jnp.zeros((1, f), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    params = model.init(rng, x, t, y)
+    if not boxed:
+        params = nn.unbox(params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params),
+        opt_state=optimizer.init(params),
+        first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def abstract_state(model: DiT, mesh, rules, optimizer=None, *, strict: bool = False, seed: int = 0):
+    """(abstract TrainState, its NamedShardings): ShapeDtypeStructs with their shardings from the
+    parameters' logical axes and `rules` (`strict`: an axis that cannot be sharded is an error).
+    optimizer None: no optimizer state (sampling, export and fine-tuning's sources need none)."""
+    optimizer = optax.identity() if optimizer is None else optimizer
+    rng = jax.random.key(seed)
+    boxed = jax.eval_shape(lambda r: init_state(r, model, optimizer, boxed=True), rng)
+    shardings = shd.logical_shardings(boxed, mesh, rules, strict=strict)
+    init = jax.jit(lambda r: init_state(r, model, optimizer, boxed=False), out_shardings=shardings)
+    return init.eval_shape(rng), shardings
+
+
+def abstract_ema_params(model_config, mesh, rules) -> Any:
+    """{'params': ...} of ShapeDtypeStructs with their shardings on `mesh`: the EMA weights of a
+    checkpoint of `model_config` (float32), as sampling, export and fine-tuning restore them."""
+    return abstract_state(model_from_config(model_config), mesh, rules)[0].ema_params

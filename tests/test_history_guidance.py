@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fvdm_jax.config import checks
 from fvdm_jax.config.load import load_config
 from fvdm_jax.diffusion import Schedule, tasks
 from fvdm_jax.diffusion.guidance import (
@@ -270,10 +271,11 @@ def test_video_sampler_history_guidance(caplog):
         (dict(history_guidance=2.0, policy="released"), "keeps clean"),
         (dict(policy="released", noise_multiplier=0.2), "no meaning"),
         (dict(policy="released", task="progressive"), "progressive"),
-        (dict(history_guidance_mode="partial"), "is not one of"),
     ):
         with pytest.raises(ConfigError, match=match):
             validate_sample_config(tiny_config(**bad).sample, config.model)
+    with pytest.raises(ConfigError, match="history_guidance_mode"):  # a single key: the schema's
+        checks.check(tiny_config(history_guidance_mode="partial"), "sample")
     with pytest.raises(ConfigError, match="999"):
         VideoSampler.from_config(tiny_config(history_guidance=2.0, history_guidance_mode=
                                              "fractional", history_noise_level=1000), params)

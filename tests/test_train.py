@@ -13,6 +13,7 @@ import pytest
 
 from fvdm_jax.checkpoint.inference import load_inference_checkpoint
 from fvdm_jax.checkpoint.manager import TrainCheckpointer
+from fvdm_jax.config import checks
 from fvdm_jax.config.load import load_config
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.jobs.export import export
@@ -168,11 +169,18 @@ def test_non_finite_loss_stops_before_checkpointing(tmp_path):
     assert len(metrics) == bad - 1 and all(np.isfinite(metrics))
 
 
+def checked_train(config, workdir):
+    """What `--mode=train` does: the one config check, then the loop (which checks nothing again
+    but what needs the devices: the batch against the mesh)."""
+    checks.check(config, "train")
+    return train(config, workdir)
+
+
 @pytest.mark.parametrize("key, value", [("train.lr", -1.0), ("train.lr", float("nan")),
                                         ("train.b2", 1.0), ("train.warmup_steps", -5)])
 def test_bad_optimizer_values_fail_at_once(tmp_path, key, value):
     with pytest.raises(ValueError, match=rf"{re.escape(key)}={value}"):
-        train(tiny_config(**{key: value}), str(tmp_path))
+        checked_train(tiny_config(**{key: value}), str(tmp_path))
 
 
 def test_export_writes_ema_inference_checkpoint(reference_run, tmp_path):
@@ -248,7 +256,7 @@ def test_resume_allows_operational_changes_and_a_deliberate_recipe_change(one_st
 )
 def test_bad_config_values_fail_at_once(overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
-        train(tiny_config(**overrides), str(tmp_path))
+        checked_train(tiny_config(**overrides), str(tmp_path))
 
 
 def test_unknown_config_keys_fail_at_once(tmp_path):
@@ -256,7 +264,7 @@ def test_unknown_config_keys_fail_at_once(tmp_path):
     config.train.unlock()
     config.train.learning_rate = 1.0
     with pytest.raises(ConfigError, match="train.learning_rate") as info:
-        train(config, str(tmp_path))
+        checked_train(config, str(tmp_path))
     assert "\n" not in str(info.value) and "lr" in str(info.value)  # one line, with a suggestion
 
 

@@ -39,7 +39,7 @@ from fvdm_jax.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # The parent of the fvdm_jax package: the repository root in a checkout / editable install.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGE_DEFAULT = os.path.join(REPO_ROOT, "configs", "default.py")
 DEFAULT_NAME = "default.py"
 

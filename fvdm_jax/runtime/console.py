@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 LOG_LEVELS = ("warning", "info", "debug")
 PROGRESS_MODES = ("auto", "bar", "plain", "off")
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fvdm_jax/
 # Third-party lines that say nothing about the run, hidden at the default level even as
 # warnings: JAX's backend probe where that accelerator is absent (libtpu installed on a CPU or
 # GPU host; a backend that is asked for and fails raises instead), and orbax's notices that a

@@ -68,6 +68,53 @@ def damage_file(path, truncate=False, stride=None):
     open(path, "wb").write(bytes(data))
 
 
+def _state_kvstore(workdir, step):
+    return {"driver": "ocdbt", "base": "file://" + os.path.join(workdir, "checkpoints", str(step), "state/")}
+
+
+def _read_array(workdir, step, name):
+    """One array of the saved state, read straight through tensorstore (no orbax, no checks)."""
+    import tensorstore as ts
+
+    spec = {"driver": "zarr", "kvstore": dict(_state_kvstore(workdir, step), path=name + "/")}
+    return ts.open(spec, context=ts.Context()).result().read().result()
+
+
+def flip_one_bit_in_a_chunk(workdir, step, prefix=""):
+    """Flips one bit in the middle of the stored (zstd) bytes of the largest array chunk whose
+    array name starts with `prefix`, inside the largest data file holding such a chunk; nothing
+    else is touched: the OCDBT manifest and b-tree nodes, and every other chunk, stay intact, so
+    orbax reads the checkpoint back without an error, one array silently wrong (checked here,
+    read through tensorstore as orbax reads it). Returns the damaged array's path as the
+    fingerprints name it ('ema_params/params/...')."""
+    import tensorstore as ts
+
+    kvstore = ts.KvStore.open(_state_kvstore(workdir, step)).result()
+    chunks = [(key.decode(), kvstore.read(key).result().value) for key in kvstore.list().result()
+              if key.decode().startswith(prefix) and not key.endswith(b".zarray")]
+    for path in data_files(workdir, step):
+        data = bytearray(open(path, "rb").read())
+        stored = [(len(value), key, data.find(value)) for key, value in chunks if len(value) > 1000]
+        stored = sorted(s for s in stored if s[2] >= 0)  # small values live in the b-tree nodes
+        if stored:
+            size, key, start = stored[-1]
+            break
+    else:
+        raise AssertionError(f"no data file holds a chunk of {prefix!r}")
+    name = key.rsplit("/", 1)[0]
+    before = _read_array(workdir, step, name)
+    for position in range(start + size // 2, start + size // 2 + 64):  # the first flip that
+        data[position] ^= 0x10  # still decodes (zstd frames carry no checksum here), to other
+        open(path, "wb").write(bytes(data))  # values: one element or a run of them
+        try:
+            if np.any(_read_array(workdir, step, name) != before):
+                return name.replace(".", "/")
+        except ValueError:  # this flip breaks the frame: orbax would fail before the fingerprints
+            pass
+        data[position] ^= 0x10
+    raise AssertionError(f"no flip in the middle of {name} reads back")
+
+
 def assert_fell_back_to_step_1(workdir, result, reference, caplog):
     assert os.path.isdir(os.path.join(workdir, QUARANTINE_DIR, "2"))  # moved aside, not deleted
     assert "damaged" in caplog.text and "falling back" in caplog.text
@@ -79,15 +126,27 @@ def assert_fell_back_to_step_1(workdir, result, reference, caplog):
     assert steps == sorted(set(steps))  # every step once: the old rows of step 2 were dropped
 
 
-@pytest.mark.parametrize("damage", ["bit_flip", "truncated", "missing_state"])
+@pytest.mark.parametrize("damage", ["truncated", "missing_state"])
 def test_damaged_newest_checkpoint_falls_back(runs, tmp_path, caplog, damage):
     workdir = copy_run(runs, tmp_path)
     if damage == "missing_state":
         shutil.rmtree(os.path.join(workdir, "checkpoints", "2", "state"))
     else:
         for path in data_files(workdir, 2):  # every data file: whichever holds which arrays
-            damage_file(path, truncate=damage == "truncated")
+            damage_file(path, truncate=True)
     result = train(tiny(3), workdir)
+    assert "unreadable" in caplog.text
+    assert_fell_back_to_step_1(workdir, result, runs[1], caplog)
+
+
+def test_one_flipped_bit_is_caught_by_the_fingerprints(runs, tmp_path, caplog):
+    """One bit of one chunk in the largest data file: orbax restores the state without an error
+    (one element wrong); only the fingerprints tell, so the checkpoint is moved aside for that."""
+    workdir = copy_run(runs, tmp_path)
+    damaged = flip_one_bit_in_a_chunk(workdir, 2)
+    result = train(tiny(3), workdir)
+    assert "unreadable" not in caplog.text
+    assert f"1 arrays differ from their fingerprints, e.g. {damaged}" in caplog.text
     assert_fell_back_to_step_1(workdir, result, runs[1], caplog)
 
 
@@ -120,15 +179,26 @@ def test_no_good_checkpoint_is_a_clear_stop(runs, tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, QUARANTINE_DIR))) == ["1", "2"]
 
 
-def test_sampling_skips_a_damaged_checkpoint(runs, tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["fingerprints", "unreadable"])
+def test_sampling_skips_a_damaged_checkpoint(runs, tmp_path, caplog, damage):
+    """fingerprints: one bit of one EMA chunk, which orbax's EMA-only restore reads back without
+    an error; unreadable: a bit flipped every 512 bytes of every data file."""
     from fvdm_jax.sampling.weights import load_sampling_params
 
     workdir = copy_run(runs, tmp_path)
-    for path in data_files(workdir, 2):  # the EMA arrays' chunks among them
-        damage_file(path, stride=512)
+    if damage == "fingerprints":
+        damaged = flip_one_bit_in_a_chunk(workdir, 2, prefix="ema_params.")
+    else:
+        for path in data_files(workdir, 2):  # the EMA arrays' chunks among them
+            damage_file(path, stride=512)
     config = tiny(2)
     _, _, ema = load_sampling_params(config, workdir)
     assert "damaged" in caplog.text and "skipped" in caplog.text
+    if damage == "fingerprints":
+        assert f"EMA arrays differ from their fingerprints (['{damaged}'])" in caplog.text
+        assert "unreadable" not in caplog.text
+    else:
+        assert "(unreadable: " in caplog.text
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # sampling moves nothing
     ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)
     setup = build_setup(config)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from fvdm_jax.checkpoint.manager import load_inference_checkpoint, save_inference_checkpoint
+from fvdm_jax.checkpoint.inference import load_inference_checkpoint, save_inference_checkpoint
 from fvdm_jax.convert.__main__ import convert_official, read_checkpoint
 from fvdm_jax.convert.official import (
     convert_as_saved,
@@ -72,6 +72,43 @@ def test_latte_alternating_names_and_containers():
     wrapped = {"ema": {f"module.{k}": v for k, v in sd.items()}, "opt": {"step": 3}}
     assert_trees_equal(convert_state_dict(unwrap_state_dict(wrapped), model), params)
     assert_trees_equal(convert_state_dict(unwrap_state_dict({"model": sd}), model), params)
+
+
+def official_training_checkpoint(model, raw, ema, as_torch=False):
+    """What the official train_video.py saves: {'model': raw weights, 'ema': EMA weights, 'opt':
+    the AdamW state_dict}, in that order; raw and ema are {'params': ...} trees (they differ)."""
+    raw_sd, ema_sd = to_official_state_dict(raw, model), to_official_state_dict(ema, model)
+    names = sorted(raw_sd)
+    opt = {"state": {i: {"step": np.float32(7.0), "exp_avg": np.zeros_like(raw_sd[k]),
+                         "exp_avg_sq": np.ones_like(raw_sd[k])} for i, k in enumerate(names)},
+           "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                             "amsgrad": False, "params": list(range(len(names)))}]}
+    checkpoint = {"model": raw_sd, "ema": ema_sd, "opt": opt}
+    if as_torch:
+        import torch
+
+        def tensors(tree):
+            if isinstance(tree, dict):
+                return {k: tensors(v) for k, v in tree.items()}
+            if isinstance(tree, np.ndarray):
+                return torch.from_numpy(np.ascontiguousarray(tree))
+            return torch.tensor(float(tree)) if isinstance(tree, np.floating) else tree
+        checkpoint = tensors(checkpoint)
+    return checkpoint
+
+
+def test_a_training_checkpoint_converts_its_ema_not_its_raw_weights():
+    """The official training checkpoints hold both the raw weights and the EMA (what the
+    official sampler loads); they differ, and the EMA is the one converted."""
+    model = DiT(**TINY)
+    raw, ema = random_params(model, seed=10), random_params(model, seed=11)
+    checkpoint = official_training_checkpoint(model, raw, ema)
+    assert_trees_equal(convert_state_dict(unwrap_state_dict(checkpoint), model), ema)
+    ddp = {key: {f"module.{k}": v for k, v in checkpoint[key].items()} for key in ("model", "ema")}
+    assert_trees_equal(convert_state_dict(unwrap_state_dict(ddp), model), ema)
+    # Without an EMA, the raw weights are the model.
+    assert_trees_equal(convert_state_dict(unwrap_state_dict({"model": checkpoint["model"],
+                                                             "opt": checkpoint["opt"]}), model), raw)
 
 
 def test_conversion_errors_are_specific():
@@ -149,18 +186,31 @@ def test_inference_checkpoint_roundtrip_and_missing_dir(tmp_path):
         load_inference_checkpoint(str(tmp_path / "missing"))
 
 
-def test_torch_checkpoint_with_ema_container(tmp_path):
-    torch = pytest.importorskip("torch")
+def test_torch_training_checkpoint_converts_and_samples_with_its_ema(tmp_path):
+    """A .pt training checkpoint ({'model', 'ema', 'opt'}, raw weights != EMA) through
+    read_checkpoint, the converter (`python -m fvdm_jax.convert`'s function) and into sampling:
+    the EMA weights all the way."""
+    pytest.importorskip("torch")
+    import torch
+
+    from fvdm_jax.config.load import load_config
+    from fvdm_jax.sampling.weights import load_sampling_params
+
     model = DiT(**TINY)
-    params = random_params(model, seed=3)
-    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_official_state_dict(params, model).items()}
-    path = tmp_path / "ckpt.pt"
-    torch.save({"ema": sd, "model": sd, "opt": {}}, path)
+    raw, ema = random_params(model, seed=3), random_params(model, seed=30)
+    path = tmp_path / "0004000.pt"
+    torch.save(official_training_checkpoint(model, raw, ema, as_torch=True), path)
+    assert_trees_equal(convert_state_dict(read_checkpoint(str(path)), model), ema)
     config_dir = tmp_path / "out"
     convert_official(str(path), str(config_dir), num_heads=4)
     loaded, config = load_inference_checkpoint(str(config_dir))
-    assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded), params)
+    assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded), ema)
     assert config["model"]["size"] == "custom"
+    sample_config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    sample_config.sample.checkpoint = str(config_dir)
+    model_config, _, params = load_sampling_params(sample_config, str(tmp_path / "no_workdir"))
+    assert model_config["hidden_size"] == TINY["hidden_size"]
+    assert_trees_equal(jax.tree_util.tree_map(np.asarray, params), ema)
 
 
 def test_safetensors_checkpoint_needs_no_extra_package(tmp_path):

@@ -197,7 +197,7 @@ def test_config_keys_and_validation(tmp_path):
     assert evaluate._num_frames(config) == 16
     config.eval.task = "extend"
     assert evaluate._num_frames(config) == config.sample.total_frames == 128
-    for key, value, match in (("task", "paint", "eval.task"), ("num_frames", 8, "at least 9"),
+    for key, value, match in (("task", "paint", "eval.task"), ("num_frames", 8, "eval.num_frames=8"),
                               ("num_videos", 0, "eval.num_videos")):
         bad = _config(tmp_path, **{key: value})
         with pytest.raises(ValueError, match=match):
@@ -417,7 +417,7 @@ def _random_pixel_checkpoint(directory, config):
     import flax.linen as nn
     import jax.numpy as jnp
 
-    from fvdm_jax.checkpoint.manager import save_inference_checkpoint
+    from fvdm_jax.checkpoint.inference import save_inference_checkpoint
     from fvdm_jax.models.dit import model_from_config
 
     m = config.model
@@ -679,3 +679,82 @@ def test_long_and_zero_shot_protocols_through_eval_job(tmp_path, long_folder, mo
     config.eval.generated = str(tmp_path / "any.npz")
     with pytest.raises(ValueError, match="unset eval.generated"):
         evaluate.eval_job(config, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# The 'task' entry of a given videos file: metadata that never stops an evaluation.
+
+
+@pytest.fixture(scope="module")
+def task_npz(tmp_path_factory, real_folder):
+    """make(name, **entries): an npz of 4 uint8 noise videos (9 frames of 32x32) with the given
+    extra entries (task=...), and a real-feature cache shared by the tests below."""
+    root = tmp_path_factory.mktemp("task_npz")
+    videos = np.random.default_rng(1).integers(0, 256, (4, 9, 32, 32, 3), dtype=np.uint8)
+
+    def make(name, **entries):
+        path = str(root / name)
+        np.savez(path, videos=videos, **entries)
+        return path
+
+    return make, str(root / "cache")
+
+
+@pytest.mark.parametrize("entry, eval_task, scored", [
+    (None, "generate", "generate"),  # no entry: eval.task
+    (None, "i2v", "i2v"),
+    ("reference", "generate", "generate"),  # another tool's: ignored, with a line
+    ("reference", "i2v", "i2v"),
+    (b"reference", "generate", "generate"),
+    (np.array(["reference", "x"]), "generate", "generate"),
+    ("i2v", "generate", "i2v"),  # this project's task, eval.task at its default: the file's
+    ("i2v", "i2v", "i2v"),
+    (b"interpolate", "generate", "interpolate"),
+    ("transition", "generate", "transition"),  # a sampling task the evaluation does not sample
+])
+@pytest.mark.filterwarnings("ignore:4 .* videos for 8-d features")  # FVD of 4 videos: a smoke value
+def test_the_task_entry_of_a_videos_file(tmp_path, real_folder, monkeypatch, caplog, task_npz,
+                                         entry, eval_task, scored):
+    import logging
+
+    make, cache = task_npz
+    monkeypatch.setattr(evaluate, "load_detector", lambda spec, mesh, rules: FakeDetector())
+    monkeypatch.setattr(evaluate, "write_tensorboard", lambda workdir, step, scalars: None)
+    path = make("videos.npz", **({} if entry is None else {"task": entry}))
+    config = _config(tmp_path, generated=path, real_path=real_folder, task=eval_task, cache_dir=cache)
+    with caplog.at_level(logging.INFO):
+        record = evaluate.eval_job(config, str(tmp_path))
+    assert record["task"] == scored and record["num_generated"] == 4 and record["fvd"] > 0
+    assert record["metric"] == ("fvd4_9f" if scored == "generate" else f"fvd4_9f_{scored}")
+    ignored = [r.getMessage() for r in caplog.records if "is not a task of this project" in r.getMessage()]
+    foreign = entry is not None and scored == eval_task and "reference" in str(entry)
+    assert len(ignored) == (1 if foreign else 0), ignored
+    if foreign:
+        assert ignored[0].startswith(f"eval.generated={path}: its task entry ")
+        assert ignored[0].endswith(f"ignored, scoring as eval.task={eval_task}")
+
+
+def test_a_videos_file_of_another_task_than_the_one_asked_for_is_one_line(tmp_path, real_folder,
+                                                                          monkeypatch, task_npz):
+    make, cache = task_npz
+    monkeypatch.setattr(evaluate, "load_detector", lambda spec, mesh, rules: FakeDetector())
+    path = make("i2v.npz", task="i2v")
+    config = _config(tmp_path, generated=path, real_path=real_folder, task="interpolate", cache_dir=cache)
+    from fvdm_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        evaluate.eval_job(config, str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"eval.generated={path} holds videos of task 'i2v' (its 'task' entry), "
+                              f"but eval.task='interpolate'; set eval.task=i2v")
+    assert not os.path.exists(tmp_path / records.EVAL_FILE)
+
+
+def test_a_pickled_task_entry_is_ignored_too(tmp_path):
+    path = str(tmp_path / "objects.npz")
+    videos = np.zeros((2, 9, 8, 8, 3), np.uint8)
+    np.savez(path, videos=videos, task=np.array([{"task": "i2v"}], dtype=object))
+    fake = video_sets.NpzVideos(path, 9, 2)
+    assert fake.task == "<a pickled object array>" and len(fake) == 2
+    assert evaluate.scored_task(path, fake.task, "generate", "generate") == "generate"

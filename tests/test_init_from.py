@@ -114,6 +114,31 @@ def test_official_weights_give_the_official_outputs_before_any_update(ref, cfg, 
     assert any(len(s.spec) and any(s.spec) for s in jax.tree_util.tree_leaves(setup.state_shardings.params))
 
 
+def test_an_official_training_checkpoint_fine_tunes_from_its_ema(ref, cfg, tmp_path):
+    """An official training checkpoint ({'model', 'ema', 'opt'}, as train_video.py saves it):
+    its raw weights differ from its EMA; fine-tuning starts from the EMA (what the official
+    sampler loads), with the step from the file name."""
+    torch = pytest.importorskip("torch")
+    ema = state_dict(ref, "uncond_sd/")
+    raw = {k: v if k in ("pos_embed", "temp_embed") else v + np.float32(0.5) for k, v in ema.items()}
+    path = str(tmp_path / "0004000.pt")
+    tensors = lambda sd: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}  # noqa: E731
+    opt = {"state": {0: {"step": torch.tensor(4000.0), "exp_avg": torch.zeros(3)}},
+           "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}]}
+    torch.save({"model": tensors(raw), "ema": tensors(ema), "opt": opt}, path)
+    config = official_config(cfg, path, **{"train.init_step_from_checkpoint": True})
+    setup = build_setup(config)
+    state, report = state_from_pretrained(setup, config)
+    assert report.pretrained.kind == OFFICIAL and report.start_step == 4000
+    assert report.new == [] and report.dropped == []
+    source = names({"params": report_source(ref, "uncond_sd/", cfg, num_classes=0)})
+    for tree in (state.params, state.ema_params):
+        for name, value in names(tree).items():
+            np.testing.assert_array_equal(value, source[name])
+    out = jax.jit(setup.model.apply)(state.params, to_ours(ref["x0"]), ref["t"])
+    assert_official("params", out, to_ours(ref["model_uncond_out"]))
+
+
 @pytest.fixture(scope="module")
 def finetuned(cfg, sources, tmp_path_factory):
     """2 training steps from the official weights, checkpointed at the end; the log records."""

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from fvdm_jax.checkpoint.manager import load_inference_checkpoint
+from fvdm_jax.checkpoint.inference import load_inference_checkpoint
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -180,11 +180,33 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    """2 processes x 4 CPU devices (gloo) train like this process's 8 devices."""
+def two_processes(*args):
+    """Runs `python -m fvdm_jax.main *args` as 2 processes x 4 CPU devices (gloo, a localhost
+    coordinator); returns the last line process 0 printed (the path it wrote)."""
+    port = _free_port()
+    procs = [run_main(*args, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                      f"--process_id={i}", devices=4) for i in range(2)]
+    out = [finish(p) for p in procs]
+    for code, _, err in out:
+        assert code == 0, err[-3000:]
+    return out[0][1].strip().splitlines()[-1]
+
+
+def one_process(*args):
+    """`python -m fvdm_jax.main *args` as 1 process with 8 CPU devices; its last printed line."""
+    code, out, err = finish(run_main(*args))
+    assert code == 0, err[-3000:]
+    return out.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """3 steps of tiny.py trained by 2 processes x 4 CPU devices (gloo) in `multi`, and by this
+    process's 8 devices in `single`; (config, multi, single, the 2 processes' stdout/stderr)."""
     from fvdm_jax.config.load import load_config
     from fvdm_jax.training.loop import train
 
+    tmp_path = tmp_path_factory.mktemp("two_processes")
     common = [f"--config={TINY}", "--config.train.num_steps=3", "--config.train.log_every_steps=1"]
     port = _free_port()
     shared = str(tmp_path / "multi")
@@ -202,6 +224,32 @@ def test_two_processes_match_one(tmp_path):
     results = [finish(p) for p in procs]
     for code, _, err in results:
         assert code == 0, err[-3000:]
+    return config, shared, single, results
+
+
+def single_process_ema(config, single):
+    import jax
+
+    from fvdm_jax.training.loop import train
+
+    ema = train(config, single).state.ema_params  # finished: restores, trains nothing
+    return [np.asarray(jax.device_get(leaf)) for leaf in jax.tree_util.tree_leaves(ema)]
+
+
+def assert_same_videos(first, *others):
+    with np.load(first) as a:
+        assert a["videos"].std() > 0
+        for path in others:  # the same videos up to uint8 rounding
+            with np.load(path) as b:
+                assert a["videos"].shape == b["videos"].shape
+                assert np.abs(a["videos"].astype(int) - b["videos"].astype(int)).max() <= 1
+
+
+def test_two_processes_match_one(trained, tmp_path):
+    """2 processes x 4 CPU devices (gloo) train like this process's 8 devices."""
+    import jax
+
+    config, shared, single, results = trained
     assert "process 1/2" in results[1][2] or "process 1/2" in results[1][1]
     multi = [r["loss"] for r in losses(shared)]
     ref = [r["loss"] for r in losses(single)]
@@ -210,33 +258,52 @@ def test_two_processes_match_one(tmp_path):
 
     # Export on 2 processes (each writes its shards, process 0 the config), then sample from the
     # export on 2 processes and on 1: the same videos as sampling this process's own workdir.
-    def two(*args):
-        port = _free_port()
-        procs = [run_main(*args, f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                          f"--process_id={i}", devices=4) for i in range(2)]
-        out = [finish(p) for p in procs]
-        for code, _, err in out:
-            assert code == 0, err[-3000:]
-        return out[0][1].strip().splitlines()[-1]
-
-    import jax
-
-    exported = two(f"--config={TINY}", f"--workdir={shared}", "--mode=export")
+    exported = two_processes(f"--config={TINY}", f"--workdir={shared}", "--mode=export")
     params, saved = load_inference_checkpoint(exported)
-    ema = train(config, single).state.ema_params  # finished: restores, trains nothing
-    for got, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ema)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(jax.device_get(want)), rtol=1e-5, atol=1e-6)
+    for got, want in zip(jax.tree_util.tree_leaves(params), single_process_ema(config, single)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
     sample = ["--mode=sample", "--config.sample.num_videos=4", "--config.sample.batch_size=4",
               "--config.sample.num_steps=3", "--config.sample.save_media=False",
               f"--config.sample.checkpoint={exported}"]
-    from_export = two(f"--config={TINY}", f"--workdir={tmp_path / 'sample2'}", *sample)
-    code, out, err = finish(run_main(f"--config={TINY}", f"--workdir={tmp_path / 'sample1'}", *sample))
-    assert code == 0, err[-3000:]
-    one_process = out.strip().splitlines()[-1]
-    code, out, err = finish(run_main(f"--config={TINY}", f"--workdir={shared}", *sample[:-1]))
-    assert code == 0, err[-3000:]  # from the training workdir's EMA weights, not the export
-    from_workdir = out.strip().splitlines()[-1]
-    with np.load(from_export) as a, np.load(one_process) as b, np.load(from_workdir) as c:
-        assert a["videos"].shape[0] == 4 and a["videos"].std() > 0
-        for other in (b, c):  # the same videos up to uint8 rounding
-            assert np.abs(a["videos"].astype(int) - other["videos"].astype(int)).max() <= 1
+    from_export = two_processes(f"--config={TINY}", f"--workdir={tmp_path / 'sample2'}", *sample)
+    one = one_process(f"--config={TINY}", f"--workdir={tmp_path / 'sample1'}", *sample)
+    # From the training workdir's EMA weights, not the export:
+    from_workdir = one_process(f"--config={TINY}", f"--workdir={shared}", *sample[:-1])
+    with np.load(from_export) as a:
+        assert a["videos"].shape[0] == 4
+    assert_same_videos(from_export, one, from_workdir)
+
+
+@pytest.mark.slow  # three 2-process runs, one 1-process run: ~50 s on 2 cores (~2 min alone)
+def test_two_processes_with_parameters_sharded_across_them(trained, tmp_path):
+    """mesh 1,8,1 (FSDP over all 8 devices of 2 processes x 4): no process holds a whole
+    parameter. Export on 2 processes writes each process's shards into one inference checkpoint
+    equal to the single-process EMA; sampling on 2 processes, from that export and from the
+    training workdir, gives the single-process videos."""
+    import jax
+
+    config, shared, single, _ = trained
+    mesh = "--config.mesh.shape=1,8,1"
+    exported = two_processes(f"--config={TINY}", f"--workdir={shared}", "--mode=export", mesh,
+                             f"--config.checkpoint.export_dir={tmp_path / 'export_fsdp'}")
+    # The shardings the arrays were written from (orbax's record): the 1x8x1 mesh over both
+    # processes' devices, most parameters split over 'fsdp'.
+    with open(os.path.join(exported, "params", "_sharding")) as f:
+        written = [json.loads(entry) for entry in json.load(f).values()]  # JSON in JSON
+    assert {tuple(w["shape"]) for w in written} == {(1, 8, 1)}
+    assert sum("fsdp" in (w["partition_spec"] or []) for w in written) > len(written) // 2
+    params, _ = load_inference_checkpoint(exported)
+    for got, want in zip(jax.tree_util.tree_leaves(params), single_process_ema(config, single)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    # The global batch divides by data x fsdp = 8.
+    sample = ["--mode=sample", "--config.sample.num_videos=8", "--config.sample.batch_size=8",
+              "--config.sample.num_steps=3", "--config.sample.save_media=False"]
+    from_export = two_processes(f"--config={TINY}", f"--workdir={tmp_path / 'sample2'}", *sample, mesh,
+                                f"--config.sample.checkpoint={exported}")
+    from_workdir = two_processes(f"--config={TINY}", f"--workdir={shared}", *sample, mesh,
+                                 f"--config.sample.output_dir={tmp_path / 'samples_fsdp'}")
+    one = one_process(f"--config={TINY}", f"--workdir={tmp_path / 'sample1'}", *sample,
+                      f"--config.sample.checkpoint={exported}")
+    with np.load(from_export) as a:
+        assert a["videos"].shape[0] == 8
+    assert_same_videos(one, from_export, from_workdir)

@@ -107,6 +107,17 @@ class TrainCheckpointer:
             item_names=("state", "data_iter", "config", "fingerprints"),
         )
 
+    def _remove_unfinished_saves(self) -> None:
+        """After a failed save: deletes its tmp folder (orbax names them, and removes those of a
+        crashed run itself at start: cleanup_tmp_directories). Process 0 only."""
+        import orbax.checkpoint as ocp
+
+        if jax.process_index() != 0 or not files.isdir(self.directory):
+            return
+        for name in ocp.path.step.tmp_checkpoints(self.directory):
+            logging.warning("removing the unfinished save %s", files.join(self.directory, name))
+            files.rmtree(files.join(self.directory, name))
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 

@@ -105,9 +105,24 @@ def _npz_memmap(path: str, name: str):
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
+def _task_entry(data) -> str:
+    """An npz's 'task' entry as text: the string of a one-value str / bytes array (what the
+    sampling job writes), else a description of what is there (another tool's metadata: no task
+    name); never an error."""
+    try:
+        entry = data["task"]
+    except ValueError:  # a pickled object array (allow_pickle=False)
+        return "<a pickled object array>"
+    if entry.dtype.kind in "US" and entry.size == 1:
+        value = entry.reshape(()).item()
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return f"<a {entry.dtype} array of shape {entry.shape}>"
+
+
 class NpzVideos:
     """The sampling job's samples.npz: 'videos' uint8 (N, F, H, W, 3) (float in [-1, 1] is quantized),
-    read lazily (memory-mapped) when stored uncompressed."""
+    read lazily (memory-mapped) when stored uncompressed. `task`: the file's 'task' entry as text
+    (None without one); it may name no task of this project (see jobs/evaluate.py scored_task)."""
 
     def __init__(self, path: str, num_frames: int, num_videos: int):
         self.path = path
@@ -117,7 +132,7 @@ class NpzVideos:
                 raise ConfigError(f"eval.generated={path} has no 'videos' array (keys: {data.files})")
             if videos is None:
                 videos = data["videos"]
-            self.task = str(data["task"]) if "task" in data.files else None
+            self.task = _task_entry(data) if "task" in data.files else None
             self._labels = data["labels"] if "labels" in data.files else None
         if videos.ndim != 5 or videos.shape[-1] != 3:
             raise ConfigError(f"eval.generated={path}: 'videos' of shape {videos.shape}; need (N, F, H, W, 3)")

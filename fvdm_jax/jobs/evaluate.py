@@ -40,6 +40,7 @@ from fvdm_jax.runtime import sharding as shd
 logger = logging.getLogger(__name__)
 
 DEFAULT_NUM_FRAMES = 16  # fvd2048_16f
+DEFAULT_TASK = "generate"  # configs/default.py eval.task
 
 
 def _num_frames(config) -> int:
@@ -48,9 +49,38 @@ def _num_frames(config) -> int:
     return int(config.sample.total_frames) if tasks.get_task(config.eval.task).long else DEFAULT_NUM_FRAMES
 
 
+def scored_task(path: str, file_task: str | None, eval_task: str, requested_task: str) -> str:
+    """The task a given videos file (eval.generated=PATH.npz) is scored as: its metric name
+    (fvd2048_16f_i2v) and the record's task.
+
+    The file's 'task' entry (the sampling job writes sample.task) is metadata, and metadata that
+    this project cannot read must not stop an evaluation:
+    - no entry: eval.task;
+    - an entry that names no task of this project (another tool's, e.g. 'reference'): eval.task,
+      and one log line says the file's entry was ignored;
+    - a task of this project: that task when eval.task, as given, is the default 'generate' (so a
+      samples.npz of sample.task=i2v scores as i2v without more flags) or the same task. When
+      eval.task was set to another task (i2v, interpolate, extend), the two truly conflict: a
+      one-line ConfigError. (eval.task=generate given explicitly cannot be told from the default:
+      the file's task wins.)
+    eval_task: eval.task after eval.protocol resolved it; requested_task: eval.task as given."""
+    if file_task is None or file_task == eval_task:
+        return eval_task
+    if file_task not in tasks.TASKS:
+        logger.warning("eval.generated=%s: its task entry %r is not a task of this project (another "
+                       "tool's metadata?); ignored, scoring as eval.task=%s", path, file_task, eval_task)
+        return eval_task
+    if requested_task not in (DEFAULT_TASK, file_task):
+        raise ConfigError(f"eval.generated={path} holds videos of task {file_task!r} (its 'task' entry), "
+                          f"but eval.task={requested_task!r}; set eval.task={file_task}, or leave eval.task "
+                          f"at its default to score the file's task")
+    return file_task
+
+
 def eval_job(config, workdir: str) -> EvalResult:
     """FVD of generated videos (eval.generated, or sampled now from WORKDIR's checkpoint) against
     real videos; appends the record to WORKDIR/eval.jsonl and TensorBoard and returns it."""
+    requested_task = config.eval.task  # as given, before a named protocol fixes it
     # A named protocol (eval.protocol) fixes its task, frames, real clips and stride.
     config, named = features.resolve_protocol(config)
     ev = config.eval
@@ -68,7 +98,7 @@ def eval_job(config, workdir: str) -> EvalResult:
             fake = FolderVideos(ev.generated, num_frames, int(ev.num_videos), ev.resolution)
         elif os.path.isfile(ev.generated):
             fake = NpzVideos(ev.generated, num_frames, int(ev.num_videos))
-            task = fake.task or task
+            task = scored_task(ev.generated, fake.task, task, requested_task)
         else:
             raise FileNotFoundError(f"eval.generated={ev.generated} does not exist")
         resolution = int(ev.resolution or fake.resolution)

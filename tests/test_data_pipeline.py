@@ -159,6 +159,13 @@ def test_bad_source_name_is_one_clear_error():
     assert "\n" not in str(error.value)
 
 
+def test_every_source_name_has_a_builder():
+    from fvdm_jax.data import SOURCES
+    from fvdm_jax.data.pipeline import BUILDERS
+
+    assert tuple(BUILDERS) == SOURCES  # SOURCES (the schema's choices) names this registry
+
+
 def test_make_source_reads_the_model_shape():
     ml_collections = pytest.importorskip("ml_collections")
     data = ml_collections.ConfigDict({"source": "synthetic", "num_examples": 6, "seed": 1})

@@ -33,11 +33,8 @@ import grain
 import numpy as np
 from absl import flags
 
-from fvdm_jax.data import SOURCES
 from fvdm_jax.data.synthetic import SyntheticVideoSource
 from fvdm_jax.errors import ConfigError
-
-SUPPORTED_SOURCES = SOURCES
 
 
 def _required(config: Mapping[str, Any], key: str, section: str) -> Any:
@@ -48,13 +45,112 @@ def _required(config: Mapping[str, Any], key: str, section: str) -> Any:
     return value
 
 
+def _synthetic(data, model, vae, workdir, num_classes):
+    return SyntheticVideoSource(
+        num_examples=_required(data, "num_examples", "data"),
+        num_frames=_required(model, "num_frames", "model"),
+        image_size=_required(model, "input_size", "model"),
+        channels=_required(model, "in_channels", "model"),
+        num_classes=num_classes,
+        seed=_required(data, "seed", "data"),
+    )
+
+
+def _rgb(model, source: str) -> None:
+    if model.get("in_channels") != 3:
+        raise ConfigError(f"data.source='{source}' yields RGB pixels; set model.in_channels=3.")
+
+
+def _demo(data, model, vae, workdir, num_classes):
+    from fvdm_jax.data.demo import DemoClipSource, demo_options
+
+    _rgb(model, "demo")
+    built = DemoClipSource(
+        num_examples=_required(data, "num_examples", "data"),
+        num_frames=_required(model, "num_frames", "model"),
+        image_size=_required(model, "input_size", "model"),
+        frame_interval=_required(data, "frame_interval", "data"),
+        seed=_required(data, "seed", "data"),
+        label_by_clip=num_classes > 0,
+        **demo_options(data),
+    )
+    if num_classes and built.num_classes != num_classes:
+        raise ConfigError(
+            f"a class-conditional demo model labels each clip: data.demo_clips has "
+            f"{built.num_classes} clips but model.num_classes={num_classes}; set "
+            f"model.num_classes={built.num_classes} (or 0: unconditional)"
+        )
+    return built
+
+
+def _latents(data, model, vae, workdir, num_classes):
+    from fvdm_jax.data.latents import LatentCacheSource
+
+    cache = data.get("cache_path") or (workdir and os.path.join(workdir, "latents"))
+    if not cache:
+        raise ConfigError("data.source='latents' needs data.cache_path (or a workdir)")
+    return LatentCacheSource(
+        cache,
+        num_frames=_required(model, "num_frames", "model"),
+        frame_interval=_required(data, "frame_interval", "data"),
+        seed=_required(data, "seed", "data"),
+        sample_posterior=bool(_required(vae or {}, "sample_posterior", "vae")),
+        dataset=data.get("dataset"),
+    )
+
+
+def _tfds(data, model, vae, workdir, num_classes):
+    from fvdm_jax.data.tfds_source import TfdsVideoSource
+
+    _rgb(model, "tfds")
+    built = TfdsVideoSource(
+        _required(data, "tfds_name", "data"),
+        dataset=_required(data, "dataset", "data"),
+        num_frames=_required(model, "num_frames", "model"),
+        frame_interval=_required(data, "frame_interval", "data"),
+        image_size=_required(data, "image_size", "data"),
+        seed=_required(data, "seed", "data"),
+        split=data.get("tfds_split") or data.get("split"),
+        data_dir=data.get("tfds_data_dir"),
+        video_key=data.get("tfds_video_key") or "video",
+        label_key=data.get("tfds_label_key") or "label",
+        labels=num_classes > 0,
+        class_ids=data.get("class_ids") or "sorted",
+    )
+    logging.info("%s", built.describe())
+    return built
+
+
+def _video_folder(data, model, vae, workdir, num_classes):
+    from fvdm_jax.data.folder import VideoFolderSource
+
+    built = VideoFolderSource(
+        _required(data, "path", "data"),
+        dataset=_required(data, "dataset", "data"),
+        num_frames=_required(model, "num_frames", "model"),
+        frame_interval=_required(data, "frame_interval", "data"),
+        image_size=_required(data, "image_size", "data"),
+        seed=_required(data, "seed", "data"),
+        split=data.get("split"),
+        labels=num_classes > 0,
+        class_ids=data.get("class_ids") or "sorted",
+    )
+    logging.info("%s", built.describe())
+    return built
+
+
+# data.source -> builder(data, model, vae, workdir, num_classes); the names are data.SOURCES.
+BUILDERS = {"synthetic": _synthetic, "video_folder": _video_folder, "latents": _latents,
+            "demo": _demo, "tfds": _tfds}
+
+
 def make_source(
     data_config: Mapping[str, Any],
     model_config: Mapping[str, Any],
     vae_config: Mapping[str, Any] | None = None,
     workdir: str | None = None,
 ):
-    """The random-access source named by `data_config['source']`.
+    """The random-access source named by `data_config['source']` (one builder per name, BUILDERS).
 
     Args:
       data_config: the `data` config section (ml_collections ConfigDict or dict).
@@ -74,91 +170,11 @@ def make_source(
       'label': int32 ()}`.
     """
     source = data_config.get("source")
-    if source not in SUPPORTED_SOURCES:
-        raise ConfigError(
-            f"data.source={source!r} is not supported; use one of {', '.join(SUPPORTED_SOURCES)}."
-        )
+    if source not in BUILDERS:
+        raise ConfigError(f"data.source={source!r} is not supported; use one of {', '.join(BUILDERS)}.")
     num_classes = int(model_config.get("num_classes") or 0)
-    if source == "synthetic":
-        return SyntheticVideoSource(
-            num_examples=_required(data_config, "num_examples", "data"),
-            num_frames=_required(model_config, "num_frames", "model"),
-            image_size=_required(model_config, "input_size", "model"),
-            channels=_required(model_config, "in_channels", "model"),
-            num_classes=num_classes,
-            seed=_required(data_config, "seed", "data"),
-        )
-    if source == "demo":
-        from fvdm_jax.data.demo import DemoClipSource, demo_options
-
-        if model_config.get("in_channels") != 3:
-            raise ConfigError("data.source='demo' yields RGB pixels; set model.in_channels=3.")
-        built = DemoClipSource(
-            num_examples=_required(data_config, "num_examples", "data"),
-            num_frames=_required(model_config, "num_frames", "model"),
-            image_size=_required(model_config, "input_size", "model"),
-            frame_interval=_required(data_config, "frame_interval", "data"),
-            seed=_required(data_config, "seed", "data"),
-            label_by_clip=num_classes > 0,
-            **demo_options(data_config),
-        )
-        if num_classes and built.num_classes != num_classes:
-            raise ConfigError(
-                f"a class-conditional demo model labels each clip: data.demo_clips has "
-                f"{built.num_classes} clips but model.num_classes={num_classes}; set "
-                f"model.num_classes={built.num_classes} (or 0: unconditional)"
-            )
-        return built
-    if source == "latents":
-        from fvdm_jax.data.latents import LatentCacheSource
-
-        cache = data_config.get("cache_path") or (workdir and os.path.join(workdir, "latents"))
-        if not cache:
-            raise ConfigError("data.source='latents' needs data.cache_path (or a workdir)")
-        built = LatentCacheSource(
-            cache,
-            num_frames=_required(model_config, "num_frames", "model"),
-            frame_interval=_required(data_config, "frame_interval", "data"),
-            seed=_required(data_config, "seed", "data"),
-            sample_posterior=bool((vae_config or {}).get("sample_posterior", True)),
-            dataset=data_config.get("dataset"),
-        )
-    elif source == "tfds":
-        from fvdm_jax.data.tfds_source import TfdsVideoSource
-
-        if model_config.get("in_channels") != 3:
-            raise ConfigError("data.source='tfds' yields RGB pixels; set model.in_channels=3.")
-        built = TfdsVideoSource(
-            _required(data_config, "tfds_name", "data"),
-            dataset=_required(data_config, "dataset", "data"),
-            num_frames=_required(model_config, "num_frames", "model"),
-            frame_interval=_required(data_config, "frame_interval", "data"),
-            image_size=_required(data_config, "image_size", "data"),
-            seed=_required(data_config, "seed", "data"),
-            split=data_config.get("tfds_split") or data_config.get("split"),
-            data_dir=data_config.get("tfds_data_dir"),
-            video_key=data_config.get("tfds_video_key") or "video",
-            label_key=data_config.get("tfds_label_key") or "label",
-            labels=num_classes > 0,
-            class_ids=data_config.get("class_ids") or "sorted",
-        )
-        logging.info("%s", built.describe())
-    else:
-        from fvdm_jax.data.folder import VideoFolderSource
-
-        built = VideoFolderSource(
-            _required(data_config, "path", "data"),
-            dataset=_required(data_config, "dataset", "data"),
-            num_frames=_required(model_config, "num_frames", "model"),
-            frame_interval=_required(data_config, "frame_interval", "data"),
-            image_size=_required(data_config, "image_size", "data"),
-            seed=_required(data_config, "seed", "data"),
-            split=data_config.get("split"),
-            labels=num_classes > 0,
-            class_ids=data_config.get("class_ids") or "sorted",
-        )
-        logging.info("%s", built.describe())
-    if built.num_classes != num_classes:
+    built = BUILDERS[source](data_config, model_config, vae_config, workdir, num_classes)
+    if source in ("latents", "tfds", "video_folder") and built.num_classes != num_classes:
         origin = f"data.tfds_name={built.name!r}" if source == "tfds" else "data.path"
         raise ConfigError(
             f"{origin} has {built.num_classes} classes but model.num_classes={num_classes}; "

@@ -14,7 +14,7 @@ from scipy.stats import chisquare
 
 from fvdm_jax.config.load import load_config
 from fvdm_jax.diffusion import schemes
-from fvdm_jax.diffusion.ptss import PTSS_MODES, sample_frame_timesteps
+from fvdm_jax.diffusion.ptss import PTSS_MODES, ptss_timesteps
 from fvdm_jax.errors import ConfigError
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -24,7 +24,7 @@ T, F = 1000, 4
 
 def _draw(keys, batch, p, mode):
     fn = jax.jit(
-        jax.vmap(lambda k: sample_frame_timesteps(k, batch, F, T, p, mode)), static_argnums=()
+        jax.vmap(lambda k: ptss_timesteps(k, batch, F, T, p, mode)), static_argnums=()
     )
     return np.asarray(fn(keys))  # (draws, B, F)
 
@@ -80,12 +80,12 @@ def test_per_batch_one_coin_for_the_whole_batch(p):
 
 
 def test_traced_p_and_bad_arguments():
-    fn = jax.jit(lambda k, p: sample_frame_timesteps(k, 4, F, T, p, "per_sample"))
+    fn = jax.jit(lambda k, p: ptss_timesteps(k, 4, F, T, p, "per_sample"))
     assert fn(jax.random.key(0), jnp.float32(0.0)).shape == (4, F)
     with pytest.raises(ValueError, match="ptss.mode"):
-        sample_frame_timesteps(jax.random.key(0), 2, F, T, 0.2, "per_frame")
+        ptss_timesteps(jax.random.key(0), 2, F, T, 0.2, "per_frame")
     with pytest.raises(ValueError, match="ptss.p"):
-        sample_frame_timesteps(jax.random.key(0), 2, F, T, 1.5)
+        ptss_timesteps(jax.random.key(0), 2, F, T, 1.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_the_default_scheme_draws_the_timesteps_of_earlier_versions(mode):
         key = jax.random.fold_in(jax.random.key(3407), seed)
         want = np.asarray(_earlier_ptss(key, 6, 16, 1000, p, mode))
         assert np.array_equal(np.asarray(schemes.draw_frame_timesteps(key, 6, 16, 1000, ptss)), want)
-        assert np.array_equal(np.asarray(sample_frame_timesteps(key, 6, 16, 1000, p, mode)), want)
+        assert np.array_equal(np.asarray(ptss_timesteps(key, 6, 16, 1000, p, mode)), want)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_the_default_scheme_draws_the_timesteps_of_earlier_versions(mode):
 
 def test_per_device_flips_one_coin_per_data_shard():
     draws, batch, shards, p = 2000, 8, 4, 0.5
-    fn = jax.jit(jax.vmap(lambda k: sample_frame_timesteps(k, batch, F, T, p, "per_device", shards)))
+    fn = jax.jit(jax.vmap(lambda k: ptss_timesteps(k, batch, F, T, p, "per_device", shards)))
     rows = _independent_rows(np.asarray(fn(jax.random.split(jax.random.key(5), draws))))
     by_shard = rows.reshape(draws, shards, batch // shards)  # rows 0-1 are shard 0, 2-3 shard 1...
     # The videos of a shard share its coin; the shards' coins are independent of each other.
@@ -132,7 +132,7 @@ def test_per_device_flips_one_coin_per_data_shard():
     corr = np.corrcoef(coins.T.astype(np.float64))[~np.eye(shards, dtype=bool)]
     assert np.all(np.abs(corr) < 5 / np.sqrt(draws))
     with pytest.raises(ValueError, match="batch of 6 does not split into 4 equal data shards"):
-        sample_frame_timesteps(jax.random.key(0), 6, F, T, p, "per_device", 4)
+        ptss_timesteps(jax.random.key(0), 6, F, T, p, "per_device", 4)
     assert "per_device" in PTSS_MODES
 
 

@@ -9,7 +9,7 @@ from fvdm_jax.diffusion.gaussian import (
     q_sample,
 )
 from fvdm_jax.diffusion.losses import loss_terms, training_losses
-from fvdm_jax.diffusion.ptss import sample_frame_timesteps
+from fvdm_jax.diffusion.ptss import ptss_timesteps
 from fvdm_jax.diffusion.samplers import (
     SAMPLERS,
     Conditioning,
@@ -45,7 +45,7 @@ __all__ = [
     "q_posterior_mean_variance",
     "q_sample",
     "respaced_alphas_cumprod",
-    "sample_frame_timesteps",
+    "ptss_timesteps",
     "space_timesteps",
     "step_pairs",
     "training_losses",

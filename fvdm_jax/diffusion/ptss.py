@@ -83,17 +83,3 @@ def ptss_timesteps(
     frames = per_frame(key_frames, batch_size, num_frames, num_timesteps)
     coin = ptss_coin(key_coin, batch_size, p, mode, coin_groups)
     return jnp.where(coin, frames, jnp.broadcast_to(shared, shape)).astype(jnp.int32)
-
-
-def sample_frame_timesteps(
-    rng: jax.Array,
-    batch_size: int,
-    num_frames: int,
-    num_timesteps: int,
-    p,
-    mode: str = "per_batch",
-    coin_groups: int = 1,
-) -> jnp.ndarray:
-    """PTSS as the paper defines it (the `ptss` scheme): with probability p every frame its own
-    uniform timestep, else one for the whole video. Integer (B, F) in [0, num_timesteps - 1]."""
-    return ptss_timesteps(rng, batch_size, num_frames, num_timesteps, p, mode, coin_groups)

@@ -110,47 +110,42 @@ def join(root, *parts) -> str:
 
 
 def _path(path):
+    """etils.epath: the same calls for local paths and bucket URLs."""
     from etils import epath
 
     return epath.Path(path)
 
 
 def exists(path) -> bool:
-    return _path(path).exists() if is_url(path) else os.path.exists(path)
+    return _path(path).exists()
 
 
 def isdir(path) -> bool:
-    return _path(path).is_dir() if is_url(path) else os.path.isdir(path)
+    return _path(path).is_dir()
 
 
 def isfile(path) -> bool:
-    return _path(path).is_file() if is_url(path) else os.path.isfile(path)
+    return _path(path).is_file()
 
 
 def listdir(path) -> list[str]:
-    return sorted(p.name for p in _path(path).iterdir()) if is_url(path) else sorted(os.listdir(path))
+    return sorted(p.name for p in _path(path).iterdir())
 
 
 def makedirs(path) -> None:
-    if is_url(path):
-        _path(path).mkdir(parents=True, exist_ok=True)
-    else:
-        os.makedirs(path, exist_ok=True)
+    _path(path).mkdir(parents=True, exist_ok=True)
 
 
 def open_file(path, mode: str = "r"):
-    return _path(path).open(mode) if is_url(path) else open(path, mode)
+    return _path(path).open(mode)
 
 
 def move(source, target) -> None:
     if is_url(source) or is_url(target):
         _path(source).rename(target)
     else:
-        shutil.move(source, target)
+        shutil.move(source, target)  # also across local file systems
 
 
 def rmtree(path) -> None:
-    if is_url(path):
-        _path(path).rmtree(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    _path(path).rmtree(missing_ok=True)

@@ -15,6 +15,10 @@
 # which main.py passes to jax.distributed.initialize(). This rehearses a multi-host run on one
 # machine. The script waits for all of them; when one fails it ends the others (they would
 # otherwise wait forever in a collective) and exits with the failed process's status.
+# Exit statuses (the same on every launch): 0 finished; 143 SIGTERM / 130 Ctrl-C, on any one
+# process: all of them stopped after the same step and saved it; 75 a process lost a peer
+# (killed, crashed) and stopped without saving. After 143 and 75, rerun the same command: it
+# resumes from the newest finished checkpoint.
 # Process 0 prints to this terminal; process i > 0 writes to $LOG_DIR/process_i.log.
 #
 # Variables (environment):

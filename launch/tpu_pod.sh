@@ -9,7 +9,12 @@
 #   1. copies this repository (without .git and build leftovers) to ~/$REMOTE_DIR,
 #   2. creates a virtualenv and installs requirements.txt, the package, and jax[tpu] at the
 #      version pinned in requirements.txt,
-#   3. runs: python -m fvdm_jax.main --config=$CONFIG --workdir=$WORKDIR "$@".
+#   3. runs: python -m fvdm_jax.main --config=$CONFIG --workdir=$WORKDIR "$@", and reruns it on
+#      that host (it resumes from the newest checkpoint) when it stopped with 143 (SIGTERM: every
+#      host saved the same step), 75 (another host's process was lost; nothing saved since the
+#      newest checkpoint), 134 or 137 (a process aborted or was killed; a dead process 0 makes
+#      JAX abort the others from C++), at most MAX_RESTARTS times. 0, 130 (Ctrl-C) and other
+#      failures end the job.
 # The job runs with FVDM_DISTRIBUTED=1, so main.py calls jax.distributed.initialize() on every
 # host (TPU VMs often leave TPU_WORKER_HOSTNAMES unset; JAX then reads the coordinator, the process
 # count and the process id from the GCE metadata), so no distributed flags are passed.
@@ -39,6 +44,10 @@
 #                            the job runs in the foreground and dies if this ssh session does.
 #   GCLOUD_FLAGS   (empty)              extra flags for every `gcloud compute tpus tpu-vm` call,
 #                            e.g. "--internal-ip" or "--tunnel-through-iap"
+#   MAX_RESTARTS   3                    reruns per host after 143 / 75 / 134 / 137 (0: none)
+#   RESTART_DELAY  10                   seconds before a rerun (the other hosts' processes end too)
+#   FVDM_PEER_TIMEOUT_S  60             seconds without a heartbeat after which a process counts
+#                            as dead (passed on to the job when set)
 #
 # A previous run that did not exit keeps the TPU busy ("TPU in use"); find it on the hosts
 # with `sudo lsof -w /dev/accel*` (or /dev/vfio/* on newer TPUs) and end that process.
@@ -56,6 +65,12 @@ SKIP_COPY="${SKIP_COPY:-0}"
 SKIP_INSTALL="${SKIP_INSTALL:-0}"
 DETACH="${DETACH:-0}"
 GCLOUD_FLAGS="${GCLOUD_FLAGS:-}"
+MAX_RESTARTS="${MAX_RESTARTS:-3}"
+RESTART_DELAY="${RESTART_DELAY:-10}"
+if [[ ! "$MAX_RESTARTS" =~ ^[0-9]+$ || ! "$RESTART_DELAY" =~ ^[0-9]+$ ]]; then
+  echo "MAX_RESTARTS=$MAX_RESTARTS and RESTART_DELAY=$RESTART_DELAY must be whole numbers" >&2
+  exit 2
+fi
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${JAX_TPU_SPEC:-}" ]]; then
@@ -106,14 +121,26 @@ fi
 
 # The job's command line, quoted once for the remote shell.
 # shellcheck disable=SC2088  # the ~ is expanded by the remote shell, on purpose
-run="FVDM_DISTRIBUTED=1 ~/$q_venv/bin/python -m fvdm_jax.main"
-run+=" $(printf %q "--config=$CONFIG") $(printf %q "--workdir=$WORKDIR")"
+job="FVDM_DISTRIBUTED=1"
+if [[ -n "${FVDM_PEER_TIMEOUT_S:-}" ]]; then
+  job+=" FVDM_PEER_TIMEOUT_S=$(printf %q "$FVDM_PEER_TIMEOUT_S")"
+fi
+job+=" ~/$q_venv/bin/python -m fvdm_jax.main"
+job+=" $(printf %q "--config=$CONFIG") $(printf %q "--workdir=$WORKDIR")"
 for arg in "$@"; do
-  run+=" $(printf %q "$arg")"
+  job+=" $(printf %q "$arg")"
 done
+# On each host: run the job, and rerun it (it resumes) after a preemption or a lost process.
+run="restarts=0; while true; do $job; status=\$?"
+run+="; case \$status in 143 | 75 | 134 | 137) ;; *) exit \$status ;; esac"
+run+="; if ((restarts >= $MAX_RESTARTS)); then echo \"fvdm_jax: exit \$status after \$restarts"
+run+=" restarts (MAX_RESTARTS=$MAX_RESTARTS): giving up\" >&2; exit \$status; fi"
+run+="; restarts=\$((restarts + 1)); echo \"fvdm_jax: exit \$status (preempted, or a process was"
+run+=" lost); rerun \$restarts of $MAX_RESTARTS in ${RESTART_DELAY}s, resuming from the newest"
+run+=" checkpoint\" >&2; sleep $RESTART_DELAY; done"
 
 if [[ "$DETACH" == 1 ]]; then
-  on_all_workers "cd ~/$q_dir && nohup $run > run.log 2>&1 < /dev/null &"
+  on_all_workers "cd ~/$q_dir && nohup bash -c $(printf %q "$run") > run.log 2>&1 < /dev/null &"
   echo "started on every worker of $TPU_NAME; logs: ~/$REMOTE_DIR/run.log on each host"
 else
   on_all_workers "cd ~/$q_dir && $run"

@@ -1,11 +1,14 @@
 """launch/local_multigpu.sh with a stub interpreter on PATH that records what it is started with:
 the per-process flags and environment, and how the script stops its processes (SIGTERM, then
-SIGKILL after GRACE_SECONDS for a process stuck in a collective)."""
+SIGKILL after GRACE_SECONDS for a process stuck in a collective); slurm_gpu.sbatch and tpu_pod.sh
+with stub srun / scontrol / gcloud: their arguments, and when they requeue or rerun a job."""
 
 import os
 import signal
 import subprocess
 import time
+
+import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SCRIPT = os.path.join(ROOT, "launch", "local_multigpu.sh")
@@ -181,3 +184,84 @@ def test_tpu_pod_script_copies_and_starts_the_job_on_every_worker(tmp_path):
         # The arguments arrive intact through two shells (spaces included).
         assert job.endswith("args=-m fvdm_jax.main --config=configs/ffs_xl.py --workdir=gs://bucket/runs/ffs xl "
                             "--config.train.batch_size=64 --config.sample.labels=1,2 3")
+
+
+# The requeue decision of slurm_gpu.sbatch: a stub `srun` that runs the command once, a stub
+# interpreter that exits STUB_EXIT, and a stub `scontrol` that records the requeue.
+SRUN_ONCE = r"""#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do shift; done
+"$@"
+"""
+EXITS = r"""#!/usr/bin/env bash
+exit "$STUB_EXIT"
+"""
+SCONTROL = r"""#!/usr/bin/env bash
+echo "scontrol $*" >> "$STUB_LOG"
+"""
+
+
+@pytest.mark.parametrize("code, restarts, requeued", [
+    (143, 0, True), (143, 7, True),  # preempted (every process saved): always
+    (75, 0, True), (134, 1, True), (137, 2, True),  # a process was lost: at most 3 times in all
+    (75, 3, False),
+    (130, 0, False), (0, 0, False), (1, 0, False),  # Ctrl-C, finished, a failure to look at
+])
+def test_slurm_script_requeues_a_preempted_or_lost_job(tmp_path, code, restarts, requeued):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, text in (("srun", SRUN_ONCE), ("scontrol", SCONTROL), ("python", EXITS)):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(log),
+           "STUB_EXIT": str(code), "WORKDIR": str(tmp_path / "run"), "PYTHON": str(stubs / "python"),
+           "REPO_DIR": ROOT, "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": str(restarts)}
+    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stderr  # the job's status is the processes'
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert calls == (["scontrol requeue 4242"] if requeued else []), done.stdout
+    if code == 75 and not requeued:
+        assert "already been restarted 3 times (FVDM_MAX_RESTARTS=3): not requeueing" in done.stdout
+
+
+# The job on a TPU host exits with the codes of STUB_EXITS in turn (one per start, per worker);
+# the script reruns it on the restartable ones.
+PYTHON_EXITS = r"""#!/usr/bin/env bash
+n=$(cat "$HOME/starts" 2>/dev/null || echo 0); echo $((n + 1)) > "$HOME/starts"
+echo "worker=$WORKER start=$((n + 1)) FVDM_PEER_TIMEOUT_S=$FVDM_PEER_TIMEOUT_S args=$*" >> "$STUB_DIR/job.log"
+codes=($STUB_EXITS); exit "${codes[$n]:-0}"
+"""
+
+
+@pytest.mark.parametrize("exits, max_restarts, status, starts", [
+    ("143 0", 3, 0, 2),  # preempted: rerun, resumes, finishes
+    ("75 137 0", 3, 0, 3),  # a lost process, then a killed one
+    ("75 75 75", 1, 75, 2),  # gives up after MAX_RESTARTS reruns
+    ("143 0", 0, 143, 1),  # MAX_RESTARTS=0: never
+    ("130 0", 3, 130, 1),  # Ctrl-C: the user stopped it
+    ("1 0", 3, 1, 1),  # a failure to look at
+])
+def test_tpu_pod_script_reruns_a_preempted_or_lost_job(tmp_path, exits, max_restarts, status, starts):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "gcloud").write_text(GCLOUD)
+    (stubs / "gcloud").chmod(0o755)
+    for w in range(2):
+        venv = tmp_path / f"worker{w}" / "fvdm_venv" / "bin"
+        venv.mkdir(parents=True)
+        (venv / "python").write_text(PYTHON_EXITS)
+        (venv / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "gcloud.log"),
+           "STUB_DIR": str(tmp_path), "TPU_NAME": "fvdm-v5p-16", "ZONE": "us-east5-a",
+           "WORKDIR": "gs://bucket/run", "SKIP_INSTALL": "1", "SKIP_COPY": "1", "STUB_EXITS": exits,
+           "MAX_RESTARTS": str(max_restarts), "RESTART_DELAY": "0", "FVDM_PEER_TIMEOUT_S": "30"}
+    done = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "--config.x=1"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, done.stderr[-3000:]
+    jobs = [line for line in (tmp_path / "job.log").read_text().splitlines() if line.startswith("worker=0")]
+    assert [j.split()[1] for j in jobs] == [f"start={i + 1}" for i in range(starts)], done.stderr
+    assert all(j.endswith("FVDM_PEER_TIMEOUT_S=30 args=-m fvdm_jax.main --config=configs/ffs_xl.py "
+                          "--workdir=gs://bucket/run --config.x=1") for j in jobs), jobs
+    if starts > 1:
+        assert "resuming from the newest checkpoint" in done.stderr

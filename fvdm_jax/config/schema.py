@@ -235,6 +235,7 @@ def ranges() -> Mapping[str, str]:
         # checkpoint.py TrainCheckpointer.
         "checkpoint.every_steps": ">= 1",
         "checkpoint.keep": ">= 1",
+        "checkpoint.preemption_check_every_steps": ">= 1",
         # sampling/sampler.py validate_sample_config (overlap < model.num_frames stays there).
         "sample.num_steps": ">= 1",
         "sample.num_videos": ">= 1",

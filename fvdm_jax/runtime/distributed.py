@@ -10,16 +10,27 @@
             or TPU_WORKER_HOSTNAMES listing several hosts.
 JAX's detectors (jax._src.clusters) are asked first where they exist; the environment checks
 above are the fallback and what the tests pin down.
+
+`initialize` also sets what happens when a process dies or is signalled (docs/training.md):
+  FVDM_PEER_TIMEOUT_S (default 60)  a process whose heartbeat stops this long ends the others
+            with one line and exit 75 (fvdm_jax.training.preemption.PeerWatch); JAX's own
+            heartbeat timeout, whose expiry aborts every process from C++ (exit 134, a stack
+            dump), is set 40 s later so that the clean exit comes first.
+  JAX's preemption service is turned off: its C++ SIGTERM handler would swallow a SIGTERM that
+            arrives before training installs its own (the process would run on, unaware), and the
+            training loop agrees on the stop step itself (fvdm_jax.training.preemption).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Mapping
 
 from fvdm_jax.errors import ConfigError
 
+HEARTBEAT_MARGIN_S = 40  # JAX's heartbeat timeout = FVDM_PEER_TIMEOUT_S + this
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
@@ -28,6 +39,19 @@ def _int(environ: Mapping[str, str], key: str, default: int = 1) -> int:
         return int(environ.get(key, default))
     except ValueError:
         return default
+
+
+def peer_timeout_s(environ: Mapping[str, str] | None = None) -> float:
+    """FVDM_PEER_TIMEOUT_S: seconds without a heartbeat after which a process counts as dead."""
+    environ = os.environ if environ is None else environ
+    text = environ.get("FVDM_PEER_TIMEOUT_S", "").strip() or "60"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"FVDM_PEER_TIMEOUT_S={text!r}: give a number of seconds > 0 (default 60)")
+    return value
 
 
 def _jax_detected() -> str | None:
@@ -71,17 +95,20 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """Starts jax.distributed where a launch asks for it; returns how it was detected."""
     import jax
 
-    if os.environ.get("JAX_PLATFORMS", "") == "cpu" and (coordinator is not None or detect()):
+    how = "flags" if coordinator is not None else detect()
+    if how is None:
+        return None
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU rehearsals
+    jax.config.update("jax_enable_preemption_service", False)  # see the module docstring
+    options = {}
+    if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        options["heartbeat_timeout_seconds"] = int(peer_timeout_s() + HEARTBEAT_MARGIN_S)
     if coordinator is not None:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
-        how = "flags"
+                                   process_id=process_id, **options)
     else:
-        how = detect()
-        if how is None:
-            return None
-        jax.distributed.initialize()
+        jax.distributed.initialize(**options)
     logging.info("jax.distributed (%s): process %d/%d, coordinator %s, %d local devices", how,
                  jax.process_index(), jax.process_count(),
                  coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "auto-detected"),

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +25,9 @@ from fvdm_jax.errors import ConfigError
 from fvdm_jax.models.dit import DiT, model_from_config
 from fvdm_jax.runtime import console
 from fvdm_jax.runtime import sharding as shd
+from fvdm_jax.training import flops
+from fvdm_jax.training.preemption import PeerWatch, Preemption, StopAgreement
+from fvdm_jax.training.prefetch import DevicePrefetcher
 from fvdm_jax.training.state import TrainState, abstract_state, init_state
 from fvdm_jax.training.step import (
     JittedTrainStep,
@@ -50,7 +50,7 @@ class PeriodicAction:
     kind: str = "scalars"
 
     def due(self, step: int) -> bool:
-        return _periodic(self.every, step)
+        return itstime(step, self.every)
 
 
 # The job layer's actions, built once the loop knows the mesh and the data source.
@@ -61,10 +61,10 @@ ActionFactory = Callable[[jax.sharding.Mesh, Any], Sequence[PeriodicAction]]
 class TrainResult:
     state: TrainState
     step: int  # the last completed step
-    preempted: bool  # stopped early by SIGTERM / SIGINT / a preemption notice (checkpoint saved)
+    preempted: bool  # stopped early by SIGTERM / SIGINT on any process (checkpoint saved)
     compilations: int  # how many times the train step was traced (1 for a healthy run)
     first_step_sec: float | None  # wall time of the run's first step: mostly compilation
-    exit_code: int = 0  # for the process: 0 finished, EXIT_SIGTERM / EXIT_SIGINT preempted
+    exit_code: int = 0  # for the process: 0 finished, EXIT_SIGTERM / EXIT_SIGINT preempted (same on all)
 
 
 @dataclasses.dataclass
@@ -120,107 +120,13 @@ def _mean_metrics(pending) -> dict:
     return {k: float(v) for k, v in jax.device_get(stacked).items()}
 
 
-# Exit codes of a run that stopped early with its checkpoint saved (128 + the signal, as a shell
-# reports it): a requeue wrapper can tell "preempted, resume me" from "finished" (0).
-EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: SIGTERM or a multi-host preemption notice
-EXIT_SIGINT = 128 + signal.SIGINT  # 130: the first Ctrl-C
-
-
-class _Preemption:
-    """SIGTERM and the first SIGINT set a flag that the loop checks at step boundaries (no device
-    sync); the run then saves and stops. A second SIGINT aborts at once (KeyboardInterrupt)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def __enter__(self):
-        for signum in self.SIGNALS:
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            raise KeyboardInterrupt("second Ctrl-C: stopped without saving")
-        name = signal.Signals(signum).name
-        hint = "; press Ctrl-C again to stop without saving" if signum == signal.SIGINT else ""
-        logging.warning("%s received: saving a checkpoint at the next step boundary%s", name, hint)
-        if self.signum is None or signum == signal.SIGINT:
-            self.signum = signum
-
-    def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-
-
-class DevicePrefetcher:
-    """Global batches put on the devices `depth` steps ahead by a background thread, so the
-    host-to-device copy overlaps the step. Its checkpoint state is the step of the next batch it
-    returns (not how far the thread has read), so a checkpoint resumes at the right batch."""
-
-    def __init__(self, data_iter, mesh, rules, depth: int):
-        self._iter = data_iter
-        self._mesh, self._rules = mesh, rules
-        self._next_step = data_iter.step
-        self._depth = int(depth)
-        self._stop = threading.Event()
-        self._queue = queue.Queue(maxsize=max(self._depth, 1))
-        self._thread = None
-        if self._depth > 0:
-            self._thread = threading.Thread(target=self._fill, daemon=True, name="device_prefetch")
-            self._thread.start()
-
-    def _fill(self):
-        try:
-            while not self._stop.is_set():
-                item = shd.global_batch(next(self._iter), self._mesh, self._rules)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as error:  # surfaces in the training thread
-            self._queue.put(error)
-
-    def __next__(self):
-        if self._thread is None:
-            item = shd.global_batch(next(self._iter), self._mesh, self._rules)
-        else:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-        self._next_step += 1
-        return item
-
-    def get_state(self) -> dict:
-        return {"step": self._next_step}
-
-    def set_state(self, state) -> None:
-        raise RuntimeError("restore the data iterator before wrapping it in DevicePrefetcher")
-
-    def close(self):
-        self._stop.set()
-        if self._thread is not None:
-            while self._thread.is_alive():
-                try:
-                    self._queue.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-            self._thread.join()
-
-
-def _periodic(every, done: int) -> bool:
-    return bool(every) and int(every) > 0 and done % int(every) == 0
+def itstime(done: int, every: int, total: int | None = None, *, last: bool = True) -> bool:
+    """Whether something that runs every `every` steps runs after step `done` (1-based): on its
+    multiples (every <= 0: never), and with `last`, also after the final step `total`."""
+    every = int(every or 0)
+    if every > 0 and done % every == 0:
+        return True
+    return bool(last and total is not None and done == total)
 
 
 def _check_finite(state: TrainState, last_saved: int | None):
@@ -244,7 +150,16 @@ def train(
 
     actions: periodic actions on the EMA parameters, or a factory (mesh, data source) -> actions.
     `step_hook(step)` is called on the host after each dispatched step (tests use it).
+
+    Signals are caught from here on (restore and compilation take minutes at scale); on several
+    processes they all stop after the same step (training/preemption.py: StopAgreement), and one
+    whose peer died ends with one line (PeerWatch, exit 75).
     """
+    with Preemption() as preemption, PeerWatch(workdir):
+        return _train(config, workdir, preemption, devices=devices, actions=actions, step_hook=step_hook)
+
+
+def _train(config, workdir: str, preemption: Preemption, *, devices, actions, step_hook) -> TrainResult:
     from fvdm_jax.data.pipeline import host_batches, make_source
     from fvdm_jax.runtime.metrics import MetricsLogger, write_plots
 
@@ -312,7 +227,7 @@ def train(
     logger = MetricsLogger(workdir, start_step=start)
     actions = list(actions(setup.mesh, source) if callable(actions) else actions)
     batches = DevicePrefetcher(
-        data_iter, setup.mesh, setup.rules, int(config.data.get("device_prefetch", 0))
+        data_iter, setup.mesh, setup.rules, int(config.data.device_prefetch)
     )
     record = _config_record(config, setup)
     flops_per_video = _train_flops_per_video(config)
@@ -324,10 +239,11 @@ def train(
     last_saved = latest
     pending = []
     first_step_sec = None
-    stop = False
+    agreement = StopAgreement(preemption, config.checkpoint.preemption_check_every_steps)
+    stop = agreement.before_first_step(start)  # a signal during restore / compilation
     done = start
-    with _Preemption() as preemption, console.TrainProgress(num_steps, start) as progress:
-        for step in range(start, num_steps):
+    with console.TrainProgress(num_steps, start) as progress:
+        for step in range(start, start if stop else num_steps):
             batch = next(batches)
             if step == start:
                 started = time.perf_counter()
@@ -343,11 +259,9 @@ def train(
             progress.update(done)
             if step_hook is not None:
                 step_hook(done)
-            stop = preemption.requested or (
-                jax.process_count() > 1 and ckpt.manager.reached_preemption(done)
-            )
+            stop = agreement.after_step(done)  # the same step on every process
             final = done == num_steps or stop
-            if done % int(train_cfg.log_every_steps) == 0 or final:
+            if itstime(done, train_cfg.log_every_steps) or final:
                 ckpt.check_for_errors()  # a failed async save stops the run now, in one line
                 _check_finite(state, last_saved)
                 scalars = _mean_metrics(pending)
@@ -358,8 +272,8 @@ def train(
                 if "steps_per_sec" in scalars:
                     scalars["videos_per_sec"] = scalars["steps_per_sec"] * batch_size
                     if flops_per_video and peak:
-                        achieved = scalars["videos_per_sec"] * flops_per_video
-                        scalars["mfu"] = achieved / (peak * setup.mesh.size)
+                        scalars["mfu"] = flops.mfu(flops_per_video * batch_size, 1.0 / scalars["steps_per_sec"],
+                                                   peak * setup.mesh.size)
                 logger.write(done, scalars)
                 progress.log(done, scalars)
             for action in actions:
@@ -372,24 +286,19 @@ def train(
                         logger.write(done, result)
                         progress.note(done, action.name, ", ".join(
                             f"{k} {float(v):.5g}" for k, v in sorted(result.items())))
-            if done % ckpt.every_steps == 0 or final:
+            if itstime(done, ckpt.every_steps) or final:
                 _check_finite(state, last_saved)
                 if ckpt.save(done, state, batches, record, force=final):
                     last_saved = done
                     write_plots(workdir)  # plots/loss.png (and fvd.png) as of this checkpoint
             if stop:
-                logging.warning("stopped at step %d (%s); checkpoint saved", done,
-                                signal.Signals(preemption.signum).name if preemption.signum
-                                else "preemption notice")
+                logging.warning("stopped at step %d (%s); checkpoint saved", done, agreement.reason)
                 break
     batches.close()
-    ckpt.wait_until_finished()
+    ckpt.wait_until_finished()  # the stop step's save (and any before it) is finished here
     ckpt.close()
     logger.close()
-    exit_code = 0
-    if stop:
-        exit_code = EXIT_SIGINT if preemption.signum == signal.SIGINT else EXIT_SIGTERM
-    return TrainResult(state, done, stop, step_fn.traces, first_step_sec, exit_code)
+    return TrainResult(state, done, stop, step_fn.traces, first_step_sec, agreement.exit_code)
 
 
 def _config_record(config, setup: Setup) -> dict:
@@ -402,17 +311,11 @@ def _config_record(config, setup: Setup) -> dict:
     return record
 
 
-def _train_flops_per_video(config) -> float | None:
-    try:
-        from fvdm_jax.training.flops import model_flops_from_config
-    except ImportError:
-        return None
-    return 3.0 * model_flops_from_config(config.model)
+def _train_flops_per_video(config) -> float:
+    return 3.0 * flops.model_flops_from_config(config.model)  # forward + backward
 
 
 def _peak_flops(train_cfg) -> float | None:
-    if train_cfg.get("peak_flops_per_device"):
-        return float(train_cfg["peak_flops_per_device"])
-    from fvdm_jax.training.flops import peak_flops_per_device
-
-    return peak_flops_per_device(jax.devices()[0].device_kind)
+    if train_cfg.peak_flops_per_device:
+        return float(train_cfg.peak_flops_per_device)
+    return flops.peak_flops_per_device(jax.devices()[0].device_kind)

@@ -129,6 +129,10 @@ def get_config() -> config_dict.ConfigDict:
     checkpoint.every_steps = 10_000
     checkpoint.keep = 3  # most recent checkpoints kept
     checkpoint.async_save = True
+    # Several processes: every this many steps they vote (one tiny all-reduce, read at the next
+    # vote) on whether any got SIGTERM / Ctrl-C, so that all stop and save after the same step, 1-2
+    # votes after the signal. One process stops at the next step regardless. Cost: docs/training.md.
+    checkpoint.preemption_check_every_steps = 10
     checkpoint.export_dir = ""  # --mode=export target ('' = WORKDIR/export/step_N)
 
     # Sampling (--mode=sample) and samples written during training. Timesteps are per frame; the
@@ -226,6 +230,12 @@ def get_config() -> config_dict.ConfigDict:
     # A parameter dim its mesh axes do not divide is replicated with one warning naming it;
     # True raises instead (then change mesh.shape or the model width).
     mesh.strict = False
+
+    # --mode=compile (fvdm_jax/jobs/compile.py): compile the train step for a TPU slice on this
+    # machine (needs libtpu, no TPU) and report its per-chip memory plan, collectives and fit.
+    config.compile = compile_ = config_dict.ConfigDict()
+    compile_.topology = ""  # required by --mode=compile: v5e-16 / v6e-256 (chips), v4-8 / v5p-128 (cores), v5e:4x4
+    compile_.num_slices = 1  # slices of that topology joined over DCN (multislice); mesh axis 0 spans them
 
     # The console of process 0 (fvdm_jax/runtime/console.py): progress of training, encoding, sampling and
     # FVD. Log levels are flags: --log_level=info (or --verbosity=1) shows third-party INFO lines.

@@ -8,6 +8,8 @@ Modes (--mode; one workdir holds a run's checkpoints, metrics, plots, samples an
   eval    FVD of config.eval.generated, or of videos sampled now, against real clips -> DIR/eval.jsonl
   encode  a video folder (config.data.path) -> the SD-VAE latent cache DIR/latents
   export  the EMA weights of the latest checkpoint -> an inference checkpoint DIR/export/step_N
+  compile the train step compiled for a TPU slice here, no TPU needed (config.compile.topology,
+          e.g. v5e-16): per-chip memory vs HBM, collectives, fits -> DIR/compile.json
 
 Configs: configs/default.py lists every key with its default and a comment (the schema);
 configs/demo.py (the built-in demo, CPU), tiny.py (seconds on CPU) and ffs_xl.py, sky_xl.py,
@@ -47,7 +49,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "The run directory: checkpoints/, metrics.jsonl, plots/, samples/, export/, "
     "TensorBoard events. Created (with missing parents) by the modes that write; a local path or "
     "a gs:// / s3:// URL.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "export", "encode", "sample", "eval"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "export", "encode", "sample", "eval", "compile"],
                           "What to run: one of the modes above.")
 _LOG_LEVEL = flags.DEFINE_enum(
     "log_level", None, list(LOG_LEVELS), "Third-party logs shown: warning (default: warnings and "
@@ -76,7 +78,12 @@ def _train(config, workdir):
 
     result = train_job(config, workdir)
     if result.preempted:
-        # Saved and stopped early (SIGTERM / preemption: 143, Ctrl-C: 130): rerun to resume.
+        # Saved and stopped early (SIGTERM: 143, Ctrl-C: 130; on several processes every one stops
+        # after the same step with the same code): rerun to resume. A signal that arrives now (a
+        # scheduler signals every host, seconds apart) no longer changes the exit code.
+        from fvdm_jax.training.preemption import ignore_signals
+
+        ignore_signals()
         sys.exit(result.exit_code)
 
 
@@ -104,7 +111,40 @@ def _eval(config, workdir):
     print(eval_job(config, workdir))
 
 
-MODES = {"train": _train, "export": _export, "encode": _encode, "sample": _sample, "eval": _eval}
+def _compile(config, workdir):
+    from fvdm_jax.jobs.compile import compile_job
+
+    records, text = compile_job(config, workdir)
+    print(text)
+    if not all(record["fits"] for record in records):
+        sys.exit(1)  # scripts see the verdict; the line above says what does not fit
+
+
+MODES = {"train": _train, "export": _export, "encode": _encode, "sample": _sample, "eval": _eval,
+         "compile": _compile}
+
+
+def run_mode(mode: str, config, workdir: str):
+    """MODES[mode]; on several processes, a collective that failed because another process died
+    (or a second Ctrl-C) ends this process at once with one line, exit 75 (130), instead of a
+    traceback followed by JAX's shutdown barrier, which waits for the dead process and then
+    aborts with a C++ stack dump (fvdm_jax/training/preemption.py)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return MODES[mode](config, workdir)
+    from fvdm_jax.training import preemption
+
+    try:
+        return MODES[mode](config, workdir)
+    except KeyboardInterrupt:
+        preemption.exit_now(preemption.EXIT_SIGINT, "second Ctrl-C: stopped at once without saving; "
+                            + preemption.resume_note(workdir if mode == "train" else None))
+    except Exception as error:
+        cause = preemption.peer_failure(error)
+        if cause is None:
+            raise
+        preemption.exit_peer_lost(cause, workdir if mode == "train" else None)
 
 
 def _fail(message: str, code: int = 1):
@@ -121,8 +161,8 @@ def log_level(level: str | None, verbosity: int) -> str:
 def check_workdir(mode: str, config, workdir: str, config_arg: str) -> str | None:
     """The one-line problem with `workdir` for `mode`, or None. A mode that reads weights
     (export; sample and eval without sample.checkpoint / eval.generated) needs a training
-    checkpoint there; a workdir that is a file is an error; the writing modes create a missing
-    local workdir, parents included."""
+    checkpoint there; a workdir that is a file is an error; the writing modes (compile included:
+    it writes compile.json, reads no checkpoint) create a missing local workdir, parents included."""
     from fvdm_jax.runtime import files
 
     if not files.is_url(workdir) and os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -153,6 +193,8 @@ def main(argv):
         if value is None or value == "":
             _fail(f"--{name} is required, e.g. python -m fvdm_jax.main --config=configs/demo.py "
                   f"--workdir=/tmp/fvdm_demo (--help lists the modes)", 2)
+    if _MODE.value == "compile":  # compile-only: the TPU is libtpu's description, never a local one
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
     # Before JAX and TensorFlow load: their C++ notices read TF_CPP_MIN_LOG_LEVEL at start.
     from fvdm_jax.runtime import console
 
@@ -182,7 +224,7 @@ def main(argv):
         logging.info("process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(),
                      jax.device_count(), jax.devices()[0].device_kind)
     try:
-        MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
+        run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
     except (ConfigError, FileNotFoundError, FileExistsError, NonFiniteError, CheckpointError) as e:
         # What the user can fix, in one line; every other exception keeps its traceback.
         _fail(str(e))

@@ -15,7 +15,7 @@ from fvdm_jax.models.dit import model_from_config
 from fvdm_jax.sampling.sampler import validate_sample_config
 from fvdm_jax.training.step import validate_train_config
 
-MODES = ("train", "export", "encode", "sample", "eval")
+MODES = ("train", "export", "encode", "sample", "eval", "compile")
 
 
 def check(config, mode: str = "train", *, near: str | None = None) -> None:
@@ -26,7 +26,7 @@ def check(config, mode: str = "train", *, near: str | None = None) -> None:
     try:
         model_from_config(config.model)
         Schedule.from_config(config.diffusion)
-        if mode == "train":
+        if mode in ("train", "compile"):
             validate_train_config(config.train, config.ptss)
         if mode in ("train", "sample", "eval"):
             validate_sample_config(config.sample, config.model)

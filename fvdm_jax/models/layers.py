@@ -127,15 +127,23 @@ def dot_product_attention(q, k, v, implementation: str):
     'cudnn' asks for the fused cuDNN kernel (GPU, fp16/bf16); 'xla' is the portable path; 'auto'
     picks cuDNN on GPU for half-precision inputs and XLA elsewhere.
     """
+    implementation = resolve_attention(implementation, q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def resolve_attention(implementation: str, dtype, backend: str | None = None) -> str:
+    """The implementation a model.attention setting runs with for inputs of `dtype` on `backend`
+    (default: jax's; --mode=compile passes the target's): 'auto' is cuDNN on GPU in half
+    precision, XLA elsewhere."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"model.attention={implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
         )
-    if implementation == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        half = q.dtype in (jnp.bfloat16, jnp.float16)
-        implementation = "cudnn" if on_gpu and half else "xla"
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    if implementation != "auto":
+        return implementation
+    on_gpu = (backend or jax.default_backend()) == "gpu"
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if on_gpu and half else "xla"
 
 
 class Mlp(nn.Module):

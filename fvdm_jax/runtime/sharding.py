@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fvdm_jax.errors import ConfigError
@@ -69,12 +70,36 @@ def make_mesh(mesh_config: Mapping[str, Any], devices=None) -> Mesh:
     if n != len(devices):
         logging.warning("config.mesh.shape=%s uses %d of %d devices; the other %d stay idle (set "
                         "one size to -1 to use them all)", shape, n, len(devices), len(devices) - n)
-    return jax.make_mesh(
-        shape,
-        axes,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(axes),
-        devices=devices[:n],
-    )
+    devices, types = devices[:n], (jax.sharding.AxisType.Auto,) * len(axes)
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if len(slices) > 1 and devices[0].platform == "tpu":  # multislice (jax.make_mesh refuses it)
+        return Mesh(_hybrid_devices(shape, axes, devices, len(slices)), axes, axis_types=types)
+    try:
+        return jax.make_mesh(shape, axes, axis_types=types, devices=devices)
+    except NotImplementedError as error:
+        # e.g. 8x8x1 on a 4x4x4 v5p slice: no assignment keeps each mesh axis on whole physical
+        # axes ("... set allow_split_physical_axes"); split them (more ICI hops, still correct).
+        if "allow_split_physical_axes" not in str(error):
+            raise
+        logging.info("config.mesh.shape=%s splits physical axes of the %s slice", shape,
+                     devices[0].device_kind)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, axes, axis_types=types)
+
+
+def _hybrid_devices(shape, axes, devices, num_slices: int) -> np.ndarray:
+    """The device grid of a multi-slice mesh: the first axis divisible by the slice count (the
+    data axis by default) spans the slices over DCN, the rest stays within each slice (ICI)."""
+    axis = next((i for i, s in enumerate(shape) if s % num_slices == 0), None)
+    if axis is None:
+        raise ConfigError(f"config.mesh.shape={shape}: no axis of {axes} divides by the "
+                          f"{num_slices} slices (the data axis usually spans them)")
+    ici = [s // num_slices if i == axis else s for i, s in enumerate(shape)]
+    dcn = [num_slices if i == axis else 1 for i in range(len(shape))]
+    try:
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    except NotImplementedError:
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
 
 
 def rules_from_config(mesh_config: Mapping[str, Any]) -> tuple:

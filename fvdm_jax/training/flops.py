@@ -185,6 +185,7 @@ PEAK_FLOPS_BY_DEVICE_KIND = {
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p's device_kind is plain "TPU v5" (after the "TPU v5 lite" prefix: first match wins)
     "TPU v6 lite": 918e12,
 }
 

@@ -160,7 +160,7 @@ def test_nan_in_the_restored_state_is_damage_not_the_learning_rate(runs, tmp_pat
         lambda x: x * np.nan if np.issubdtype(x.dtype, np.floating) else x, state.opt_state))
     shutil.rmtree(os.path.join(workdir, "checkpoints", "2"))
     ckpt.manager.reload()
-    ckpt.save(2, poisoned, None, {"runtime": {}}, force=True)  # its fingerprints match the NaNs
+    ckpt.save(2, poisoned, {"runtime": {}}, force=True)  # its fingerprints match the NaNs
     ckpt.wait_until_finished()
     ckpt.close()
     caplog.clear()

@@ -313,7 +313,7 @@ def test_sampling_restores_only_the_ema_weights(one_step_run, tmp_path):
     # neither the optimizer state nor the raw weights are read.
     stripped = str(tmp_path / "ema_only")
     ckpt = TrainCheckpointer(stripped, config.checkpoint)
-    ckpt.save(1, {"step": state.step, "ema_params": state.ema_params}, None, config.to_dict(), force=True)
+    ckpt.save(1, {"step": state.step, "ema_params": state.ema_params}, config.to_dict(), force=True)
     ckpt.wait_until_finished()
     ckpt.close()
     _, _, ema_only = load_sampling_params(config, stripped)

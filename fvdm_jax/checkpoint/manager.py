@@ -16,29 +16,6 @@ from fvdm_jax.checkpoint.inference import plain_config
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.runtime import files
 
-
-def _state_snapshot(data_iter):
-    """The iterator's state now, as a grain iterator (the training loop may read ahead, and an
-    async save must not see later states)."""
-    import grain
-
-    class _Snapshot(grain.DatasetIterator):
-        def __init__(self, state):
-            super().__init__()
-            self._state = state
-
-        def __next__(self):
-            raise StopIteration
-
-        def get_state(self):
-            return self._state
-
-        def set_state(self, state):
-            self._state = state
-
-    return _Snapshot(data_iter.get_state())
-
-
 QUARANTINE_DIR = "checkpoints_damaged"  # WORKDIR/<this>/<step>: checkpoints that failed to verify
 
 
@@ -104,7 +81,7 @@ class TrainCheckpointer:
         self.quarantine_directory = files.join(files.resolve(workdir), QUARANTINE_DIR)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_names=("state", "data_iter", "config", "fingerprints"),
+            item_names=("state", "config", "fingerprints"),
         )
 
     def _remove_unfinished_saves(self) -> None:
@@ -121,8 +98,7 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iter, config: Mapping[str, Any], force=False) -> bool:
-        import grain
+    def save(self, step: int, state, config: Mapping[str, Any], force=False) -> bool:
         import orbax.checkpoint as ocp
         from flax import serialization
 
@@ -135,8 +111,6 @@ class TrainCheckpointer:
             # Checksums of every array, taken on the devices before the (async) write.
             fingerprints=ocp.args.JsonSave(fingerprints(state_dict)),
         )
-        if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointSave(_state_snapshot(data_iter))
         try:
             return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         except Exception as error:  # a synchronous failure (the async ones: check_for_errors)
@@ -294,16 +268,6 @@ class TrainCheckpointer:
             self.quarantine(step, f"EMA arrays differ from their fingerprints ({differ[:1]})" if differ
                             else f"NaN or inf in the EMA weights ({bad[:1]})")
         raise CheckpointError(f"no good checkpoint under {self.directory} to sample from")
-
-    def restore_data_iter(self, step: int, data_iter):
-        """Restores the grain iterator's position in place."""
-        import grain
-        import orbax.checkpoint as ocp
-
-        self.manager.restore(
-            step, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(data_iter))
-        )
-        return data_iter
 
     def wait_until_finished(self):
         try:

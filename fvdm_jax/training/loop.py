@@ -185,7 +185,7 @@ def _train(config, workdir: str, preemption: Preemption, *, devices, actions, st
         state = create_state(setup, int(train_cfg.seed))
         start = 0
     else:
-        latest, state, saved_config = resumed
+        latest, state, _ = resumed
         start = int(jax.device_get(state.step))
         logging.info("resumed from %s at step %d", ckpt.directory, start)
         if init_from:
@@ -201,17 +201,8 @@ def _train(config, workdir: str, preemption: Preemption, *, devices, actions, st
         process_count=jax.process_count(),
         num_workers=int(config.data.num_workers),
     )
-    if latest is not None:
-        saved = saved_config.get("runtime", {})
-        if saved.get("process_count") == jax.process_count():
-            try:
-                ckpt.restore_data_iter(latest, data_iter)
-            except Exception as error:  # noqa: BLE001 - every batch is a function of the step
-                logging.warning("the data iterator state of step %d does not read back (%s); the "
-                                "iterator restarts at the step instead", latest, error)
-        else:
-            # Another topology: the iterator restarts deterministically at the step instead.
-            logging.info("data iterator restarted at step %d (process count changed)", start)
+    # Every global batch is a function of (data.seed, step), whatever the process count: the
+    # iterator starts at the resumed step, and checkpoints hold no iterator state.
 
     step_fn = JittedTrainStep(
         setup.model,
@@ -288,7 +279,7 @@ def _train(config, workdir: str, preemption: Preemption, *, devices, actions, st
                             f"{k} {float(v):.5g}" for k, v in sorted(result.items())))
             if itstime(done, ckpt.every_steps) or final:
                 _check_finite(state, last_saved)
-                if ckpt.save(done, state, batches, record, force=final):
+                if ckpt.save(done, state, record, force=final):
                     last_saved = done
                     write_plots(workdir)  # plots/loss.png (and fvd.png) as of this checkpoint
             if stop:

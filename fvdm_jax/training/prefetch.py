@@ -10,13 +10,12 @@ from fvdm_jax.runtime import sharding as shd
 
 class DevicePrefetcher:
     """Global batches put on the devices `depth` steps ahead by a background thread, so the
-    host-to-device copy overlaps the step. Its checkpoint state is the step of the next batch it
-    returns (not how far the thread has read), so a checkpoint resumes at the right batch."""
+    host-to-device copy overlaps the step. How far it has read never matters to a checkpoint:
+    a resumed run starts the data at its step (every batch is a function of the step)."""
 
     def __init__(self, data_iter, mesh, rules, depth: int):
         self._iter = data_iter
         self._mesh, self._rules = mesh, rules
-        self._next_step = data_iter.step
         self._depth = int(depth)
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=max(self._depth, 1))
@@ -45,14 +44,7 @@ class DevicePrefetcher:
             item = self._queue.get()
             if isinstance(item, BaseException):
                 raise item
-        self._next_step += 1
         return item
-
-    def get_state(self) -> dict:
-        return {"step": self._next_step}
-
-    def set_state(self, state) -> None:
-        raise RuntimeError("restore the data iterator before wrapping it in DevicePrefetcher")
 
     def close(self):
         self._stop.set()

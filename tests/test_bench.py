@@ -193,3 +193,11 @@ def test_profile_step_attributes_the_traced_step_by_kind_of_work():
     # Nearly every executed operation was found in the compiled HLO.
     assert line["unmatched_op_seconds_per_step"] <= 0.2 * line["op_seconds_per_step"]
     assert len(line["top"]) == 5 and all(row["kind"] in share for row in line["top"])
+
+
+def test_preemption_sync_smoke_times_the_vote_on_8_devices():
+    lines = run_bench("preemption_sync.py", "--processes=1", "--steps=10", "--repeats=1", "--votes=3",
+                      "--size=8", devices=8)
+    by_result = {line["result"]: line for line in lines}
+    assert by_result["vote"]["devices"] == 8 and by_result["vote"]["vote_roundtrip_us"] > 0
+    assert by_result["loop"]["every_10_step_s"] > 0 and "every_1_overhead_us_per_step" in by_result["loop"]

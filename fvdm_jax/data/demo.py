@@ -124,6 +124,30 @@ def demo_options(data_config) -> dict:
     return options
 
 
+def _check_options(
+    num_examples, num_frames, image_size, frame_interval, seed, min_crop_fraction, hold_out_frames,
+    segment,
+) -> None:
+    """Raises a ConfigError for the first of `DemoClipSource`'s options out of range."""
+    if num_examples <= 0:
+        raise ConfigError(f"num_examples={num_examples} must be positive.")
+    if min(num_frames, image_size, frame_interval) <= 0:
+        raise ConfigError(
+            f"num_frames={num_frames}, image_size={image_size} and "
+            f"frame_interval={frame_interval} must be positive."
+        )
+    if seed < 0:
+        raise ConfigError(f"seed={seed} must be >= 0.")
+    if not 0 < min_crop_fraction <= 1:
+        raise ConfigError(f"min_crop_fraction={min_crop_fraction} must be in (0, 1].")
+    if segment not in SEGMENTS:
+        raise ConfigError(f"segment={segment!r} is unknown; use one of {SEGMENTS}.")
+    if hold_out_frames < 0:
+        raise ConfigError(f"hold_out_frames={hold_out_frames} must be >= 0.")
+    if segment == "held_out" and hold_out_frames == 0:
+        raise ConfigError("segment='held_out' needs hold_out_frames > 0 (data.hold_out_frames).")
+
+
 class DemoClipSource:
     """Random-access source of real-video clips: `{'video': float32 (F, S, S, 3) in [-1, 1],
     'label': int32 ()}`; see the module docstring."""
@@ -162,23 +186,10 @@ class DemoClipSource:
         segment: 'train' (the frames before the held-out ones) or 'held_out' (only those).
         balance_clips: every clip equally likely (else every window equally likely).
         """
-        if num_examples <= 0:
-            raise ConfigError(f"num_examples={num_examples} must be positive.")
-        if min(num_frames, image_size, frame_interval) <= 0:
-            raise ConfigError(
-                f"num_frames={num_frames}, image_size={image_size} and "
-                f"frame_interval={frame_interval} must be positive."
-            )
-        if seed < 0:
-            raise ConfigError(f"seed={seed} must be >= 0.")
-        if not 0 < min_crop_fraction <= 1:
-            raise ConfigError(f"min_crop_fraction={min_crop_fraction} must be in (0, 1].")
-        if segment not in SEGMENTS:
-            raise ConfigError(f"segment={segment!r} is unknown; use one of {SEGMENTS}.")
-        if hold_out_frames < 0:
-            raise ConfigError(f"hold_out_frames={hold_out_frames} must be >= 0.")
-        if segment == "held_out" and hold_out_frames == 0:
-            raise ConfigError("segment='held_out' needs hold_out_frames > 0 (data.hold_out_frames).")
+        _check_options(
+            num_examples, num_frames, image_size, frame_interval, seed, min_crop_fraction,
+            hold_out_frames, segment,
+        )
         self.num_examples = num_examples
         self.num_frames = num_frames
         self.image_size = image_size
@@ -194,8 +205,12 @@ class DemoClipSource:
         self.clip_paths = demo_clip_paths(self.clip_names)
         self.span = (num_frames - 1) * frame_interval + 1  # frames one example covers
         self.clip_frames = np.asarray([count_frames(path) for path in self.clip_paths])
-        # The frame range [first, end) of each clip that this segment draws from.
-        if segment == "held_out":
+        self._plan_windows()
+
+    def _plan_windows(self) -> None:
+        """Sets the frame range [segment_first, segment_end) each clip draws from, the number of
+        window starts in it (`window_starts`) and how likely each clip is (`clip_probabilities`)."""
+        if self.segment == "held_out":
             self.segment_first = np.maximum(self.clip_frames - self.hold_out_frames, 0)
             self.segment_end = self.clip_frames
         else:
@@ -206,8 +221,8 @@ class DemoClipSource:
             lengths = ", ".join(f"{name}: {int(e - f)}" for name, f, e in
                                 zip(self.clip_names, self.segment_first, self.segment_end))
             raise ConfigError(
-                f"the {segment} segment of every demo clip is shorter than the "
-                f"{self.span} frames that num_frames={num_frames} at frame_interval={frame_interval}"
+                f"the {self.segment} segment of every demo clip is shorter than the {self.span} "
+                f"frames that num_frames={self.num_frames} at frame_interval={self.frame_interval}"
                 f" need (frames per clip: {lengths}); lower num_frames, frame_interval or "
                 f"hold_out_frames."
             )

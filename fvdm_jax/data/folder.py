@@ -150,6 +150,17 @@ def _probe(path: Path) -> int | str:
         return f"{path}: {type(error).__name__}: {error}"
 
 
+def _checked_split(split: str | None, image_size: int, seed: int) -> str | None:
+    """`split` with '' / 'all' as None, after checking it, `image_size` and `seed`."""
+    if image_size <= 0 or seed < 0:
+        raise ConfigError(f"image_size={image_size} must be positive and seed={seed} >= 0.")
+    if split in ("", "all"):
+        split = None
+    if split is not None and split not in SPLITS:
+        raise ConfigError(f"split={split!r} is unknown; use 'train', 'test' or None (all).")
+    return split
+
+
 class VideoFolderSource:
     """Random-access source of `{'video': float32 (F, S, S, 3) in [-1, 1], 'label': int32 ()}`.
 
@@ -200,12 +211,7 @@ class VideoFolderSource:
         self.dataset = dataset
         self.rule = clips.clip_rule(dataset)
         self.min_frames = clips.min_video_frames(dataset, num_frames, frame_interval)
-        if image_size <= 0 or seed < 0:
-            raise ConfigError(f"image_size={image_size} must be positive and seed={seed} >= 0.")
-        if split in ("", "all"):
-            split = None
-        if split is not None and split not in SPLITS:
-            raise ConfigError(f"split={split!r} is unknown; use 'train', 'test' or None (all).")
+        split = _checked_split(split, image_size, seed)
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"data folder {self.root} does not exist; set data.path.")
@@ -219,85 +225,106 @@ class VideoFolderSource:
         self.seek_min_frame = seek_min_frame
         self.decode_threads = decode_threads
 
-        video_root = self.root
         split_folder = _find_split_dir(self.root, split_dir)
-        split_keys = None
-        if split is not None:
-            split_file = None
-            if split_folder is not None:
-                split_file = split_folder / f"{split}list{fold:02d}.txt"
-            if split_file is not None and split_file.is_file():
-                split_keys = read_split_list(split_file)
-            elif (self.root / split).is_dir():
-                video_root = self.root / split
-            else:
-                raise FileNotFoundError(
-                    f"split={split!r} needs {split}list{fold:02d}.txt (UCF101 split files, "
-                    f"pass split_dir=) or a folder {self.root / split}; neither exists."
-                )
-        self.video_root = video_root
+        self.video_root, split_keys = self._resolve_split(split_folder, fold)
+        candidates, relative = self._find_candidates(split_keys)
+        # Labels: class folder -> id, before probing so layout errors fail fast.
+        candidates, relative, labels_of = self._label(candidates, relative, class_ids, split_folder)
+        self.entries: tuple[VideoEntry, ...] = self._index(candidates, relative, labels_of, probe_threads)
+        self._reset_process_state()
 
-        candidates = find_videos(video_root)
+    # -- indexing (run once, by __init__) ---------------------------------------------------------
+
+    def _resolve_split(self, split_folder: Path | None, fold: int) -> tuple[Path, set[str] | None]:
+        """(folder to search for videos, split keys to keep or None) for `self.split`."""
+        split = self.split
+        if split is None:
+            return self.root, None
+        split_file = None
+        if split_folder is not None:
+            split_file = split_folder / f"{split}list{fold:02d}.txt"
+        if split_file is not None and split_file.is_file():
+            return self.root, read_split_list(split_file)
+        if (self.root / split).is_dir():
+            return self.root / split, None
+        raise FileNotFoundError(
+            f"split={split!r} needs {split}list{fold:02d}.txt (UCF101 split files, "
+            f"pass split_dir=) or a folder {self.root / split}; neither exists."
+        )
+
+    def _find_candidates(self, split_keys: set[str] | None) -> tuple[list[Path], list[str]]:
+        """The videos under `video_root` and their relative paths: those the split file lists, if any.
+
+        Sets `num_candidates` (all found), `num_not_in_split` and `num_missing_from_disk`.
+        """
+        candidates = find_videos(self.video_root)
         self.num_candidates = len(candidates)
-        relative = [path.relative_to(video_root).as_posix() for path in candidates]
+        relative = [path.relative_to(self.video_root).as_posix() for path in candidates]
         self.num_not_in_split = 0
         self.num_missing_from_disk = 0
-        if split_keys is not None:
-            keys = [_split_key(path) for path in relative]
-            kept = [i for i, key in enumerate(keys) if key in split_keys]
-            self.num_not_in_split = len(candidates) - len(kept)
-            self.num_missing_from_disk = len(split_keys - {keys[i] for i in kept})
-            candidates = [candidates[i] for i in kept]
-            relative = [relative[i] for i in kept]
-            if self.num_missing_from_disk:
-                logger.warning(
-                    "%d videos listed in the %s split are not under %s.",
-                    self.num_missing_from_disk, split, video_root,
-                )
+        if split_keys is None:
+            return candidates, relative
+        keys = [_split_key(path) for path in relative]
+        kept = [i for i, key in enumerate(keys) if key in split_keys]
+        self.num_not_in_split = len(candidates) - len(kept)
+        self.num_missing_from_disk = len(split_keys - {keys[i] for i in kept})
+        if self.num_missing_from_disk:
+            logger.warning(
+                "%d videos listed in the %s split are not under %s.",
+                self.num_missing_from_disk, self.split, self.video_root,
+            )
+        return [candidates[i] for i in kept], [relative[i] for i in kept]
 
-        # Labels: class folder -> id, before probing so layout errors fail fast.
+    def _label(self, candidates: list[Path], relative: list[str], class_ids: str, split_folder: Path | None):
+        """(candidates, relative paths, class ids) of the videos whose class folder has an id.
+
+        Sets `class_names` and `num_unknown_class`; unlabeled sources keep every video, label 0.
+        """
         self.class_names: list[str] = []
-        labels_of = [0] * len(candidates)
         self.num_unknown_class = 0
-        if self.labeled:
-            if any("/" not in path for path in relative):
-                flat = next(path for path in relative if "/" not in path)
-                raise ConfigError(
-                    f"labels need a class folder per video (root/<class>/<video>), but {flat} "
-                    f"sits directly in {video_root}; pass labels=False for unconditional data."
-                )
-            class_folders = sorted({path.split("/", 1)[0] for path in relative})
-            if class_ids not in CLASS_IDS:
-                raise ConfigError(f"class_ids={class_ids!r} is not one of {CLASS_IDS}")
-            class_index_file = split_folder / "classInd.txt" if split_folder else None
-            has_index = class_index_file is not None and class_index_file.is_file()
-            if class_ids == "class_ind" and not has_index:
-                logger.warning("data.class_ids='class_ind' but no classInd.txt near %s: class ids "
-                               "follow the sorted class folder names", video_root)
-            if class_ids == "class_ind" and has_index:
-                index_ids = read_class_index(class_index_file)
-                self.class_names = sorted(index_ids, key=index_ids.get)
-                by_name = {name.casefold(): i for name, i in index_ids.items()}
+        if not self.labeled:
+            return candidates, relative, [0] * len(candidates)
+        if any("/" not in path for path in relative):
+            flat = next(path for path in relative if "/" not in path)
+            raise ConfigError(
+                f"labels need a class folder per video (root/<class>/<video>), but {flat} "
+                f"sits directly in {self.video_root}; pass labels=False for unconditional data."
+            )
+        by_name = self._class_ids_by_name(relative, class_ids, split_folder)
+        kept, labels_of = [], []
+        for i, path in enumerate(relative):
+            class_id = by_name.get(path.split("/", 1)[0].casefold())
+            if class_id is None:
+                self.num_unknown_class += 1
             else:
-                by_name = {name.casefold(): i for i, name in enumerate(class_folders)}
-                self.class_names = class_folders
-            kept = []
-            for i, path in enumerate(relative):
-                class_id = by_name.get(path.split("/", 1)[0].casefold())
-                if class_id is None:
-                    self.num_unknown_class += 1
-                else:
-                    labels_of[i] = class_id
-                    kept.append(i)
-            if self.num_unknown_class:
-                logger.warning(
-                    "%d videos under %s sit in class folders missing from classInd.txt; skipped.",
-                    self.num_unknown_class, video_root,
-                )
-            candidates = [candidates[i] for i in kept]
-            relative = [relative[i] for i in kept]
-            labels_of = [labels_of[i] for i in kept]
+                labels_of.append(class_id)
+                kept.append(i)
+        if self.num_unknown_class:
+            logger.warning(
+                "%d videos under %s sit in class folders missing from classInd.txt; skipped.",
+                self.num_unknown_class, self.video_root,
+            )
+        return [candidates[i] for i in kept], [relative[i] for i in kept], labels_of
 
+    def _class_ids_by_name(self, relative: list[str], class_ids: str, split_folder: Path | None) -> dict[str, int]:
+        """{case-folded class folder name: id} as `class_ids` says; sets `class_names`."""
+        class_folders = sorted({path.split("/", 1)[0] for path in relative})
+        if class_ids not in CLASS_IDS:
+            raise ConfigError(f"class_ids={class_ids!r} is not one of {CLASS_IDS}")
+        class_index_file = split_folder / "classInd.txt" if split_folder else None
+        has_index = class_index_file is not None and class_index_file.is_file()
+        if class_ids == "class_ind" and not has_index:
+            logger.warning("data.class_ids='class_ind' but no classInd.txt near %s: class ids "
+                           "follow the sorted class folder names", self.video_root)
+        if class_ids == "class_ind" and has_index:
+            index_ids = read_class_index(class_index_file)
+            self.class_names = sorted(index_ids, key=index_ids.get)
+            return {name.casefold(): i for name, i in index_ids.items()}
+        self.class_names = class_folders
+        return {name.casefold(): i for i, name in enumerate(class_folders)}
+
+    def _index(self, candidates: list[Path], relative: list[str], labels_of: list[int], probe_threads: int):
+        """The usable videos as entries: probes every candidate, records and warns what it skips."""
         with ThreadPoolExecutor(max_workers=max(1, probe_threads)) as pool:
             probes = list(pool.map(_probe, candidates))
         self.skipped: dict[str, str] = {}
@@ -318,18 +345,17 @@ class VideoFolderSource:
             )
             logger.warning(
                 "skipped %d of %d videos under %s (%d unreadable, %d shorter than %d frames): %s%s",
-                len(self.skipped), len(candidates), video_root, self.num_unreadable,
+                len(self.skipped), len(candidates), self.video_root, self.num_unreadable,
                 self.num_too_short, self.min_frames, named,
                 " ..." if len(self.skipped) > _NAMED_IN_WARNINGS else "",
             )
         if not entries:
             raise ConfigError(
-                f"no readable video in {video_root}: {self.num_candidates} candidates, "
+                f"no readable video in {self.video_root}: {self.num_candidates} candidates, "
                 f"{self.num_unreadable} unreadable, {self.num_too_short} shorter than "
                 f"{self.min_frames} frames; point data.path at a folder of videos or frame folders."
             )
-        self.entries: tuple[VideoEntry, ...] = tuple(entries)
-        self._reset_process_state()
+        return tuple(entries)
 
     # -- per-process state (not pickled: each grain worker starts its own) ---------------------
 

@@ -116,6 +116,21 @@ def _video_kind(feature, key: str, name: str) -> str:
     return kind
 
 
+def _class_label_ids(label, key: str, name: str, class_ids: str) -> tuple[list[str], np.ndarray]:
+    """(class names in id order, int32 id of each of the ClassLabel's own ids) for `class_ids`."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    if not isinstance(label, tfds.features.ClassLabel):
+        raise ConfigError(
+            f"feature {key!r} of TFDS dataset {name!r} is {type(label).__name__}, "
+            f"not a ClassLabel; set data.tfds_label_key (or model.num_classes=0)"
+        )
+    names = list(label.names)
+    class_names = sorted(names) if class_ids == "sorted" else names
+    position = {class_name: i for i, class_name in enumerate(class_names)}
+    return class_names, np.asarray([position[n] for n in names], dtype=np.int32)
+
+
 class TfdsVideoSource:
     """Random-access source of `{'video': float32 (F, S, S, 3) in [-1, 1], 'label': int32 ()}`
     over a TFDS dataset; see the module docstring for reading, features, labels and clips."""
@@ -175,34 +190,7 @@ class TfdsVideoSource:
         self.label_key = label_key if self.labeled else None
 
         source = _open_data_source(name, self.split, data_dir)
-        features = source.dataset_info.features
-        for key in (video_key, self.label_key):
-            if key is not None and key not in features:
-                raise ConfigError(
-                    f"TFDS dataset {name!r} has no feature {key!r} (it has {', '.join(features)});"
-                    f" set data.tfds_video_key / data.tfds_label_key"
-                )
-        self.kind = _video_kind(features[video_key], video_key, name)
-        # A Tensor may be stored zlib- or bytes-encoded; its own decoder (TF-free) undoes that.
-        self._tensor_feature = features[video_key] if self.kind == "tensor" else None
-        serialized = features.get_serialized_info()
-        self._specs = {video_key: serialized[video_key]}
-        self.class_names: list[str] = []
-        self._label_ids = None
-        if self.labeled:
-            import tensorflow_datasets as tfds  # noqa: PLC0415
-
-            label = features[label_key]
-            if not isinstance(label, tfds.features.ClassLabel):
-                raise ConfigError(
-                    f"feature {label_key!r} of TFDS dataset {name!r} is {type(label).__name__}, "
-                    f"not a ClassLabel; set data.tfds_label_key (or model.num_classes=0)"
-                )
-            names = list(label.names)
-            self.class_names = sorted(names) if class_ids == "sorted" else names
-            position = {class_name: i for i, class_name in enumerate(self.class_names)}
-            self._label_ids = np.asarray([position[n] for n in names], dtype=np.int32)
-            self._specs[label_key] = serialized[label_key]
+        self._read_features(source.dataset_info.features, class_ids)
         self.class_ids = class_ids
         # The split's ArrayRecord reader: it pickles as its file list, without TFDS's features.
         self._records = source.data_source
@@ -210,6 +198,31 @@ class TfdsVideoSource:
         if self._length == 0:
             raise ConfigError(f"TFDS dataset {name!r} split {self.split!r} has no examples.")
         self._reset_process_state()
+
+    def _read_features(self, features, class_ids: str) -> None:
+        """Checks the video and label features; keeps what a worker needs to parse and decode them.
+
+        Sets `kind`, `class_names` and the private `_tensor_feature`, `_specs` and `_label_ids`.
+        """
+        video_key, label_key = self.video_key, self.label_key
+        for key in (video_key, label_key):
+            if key is not None and key not in features:
+                raise ConfigError(
+                    f"TFDS dataset {self.name!r} has no feature {key!r} (it has {', '.join(features)});"
+                    f" set data.tfds_video_key / data.tfds_label_key"
+                )
+        self.kind = _video_kind(features[video_key], video_key, self.name)
+        # A Tensor may be stored zlib- or bytes-encoded; its own decoder (TF-free) undoes that.
+        self._tensor_feature = features[video_key] if self.kind == "tensor" else None
+        serialized = features.get_serialized_info()
+        self._specs = {video_key: serialized[video_key]}
+        self.class_names: list[str] = []
+        self._label_ids = None
+        if self.labeled:
+            self.class_names, self._label_ids = _class_label_ids(
+                features[label_key], label_key, self.name, class_ids
+            )
+            self._specs[label_key] = serialized[label_key]
 
     # -- per-process state (not pickled: each grain worker starts its own) ---------------------
 
@@ -375,12 +388,23 @@ def build_folder_dataset(
     Returns:
       The folder the dataset was written to. Writing it again is a no-op (TFDS reuses it).
     """
-    import tensorflow_datasets as tfds  # noqa: PLC0415 (building needs TFDS and TensorFlow)
+    import tensorflow_datasets  # noqa: F401, PLC0415 (fail first: building needs TFDS and TensorFlow)
 
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ConfigError(f"name={name!r} is not a TFDS name; use lowercase letters, digits, _")
     if encoding not in ("png", "jpeg"):
         raise ConfigError(f"encoding={encoding!r} is not 'png' or 'jpeg'")
+    indexed, class_names = _index_folder(root, splits, labels, class_ids)
+    builder_class = _folder_builder_class(root, name, version, encoding, labels, indexed, class_names)
+    builder = builder_class(data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare()
+    return str(builder.data_dir)
+
+
+def _index_folder(
+    root: str | os.PathLike, splits: Sequence[str] | None, labels: bool, class_ids: str
+) -> tuple[dict[str, VideoFolderSource], list[str]]:
+    """({TFDS split: the folder source indexing it}, class names in id order, shared by all splits)."""
     wanted = tuple(splits) if splits else (None,)
     indexed = {}
     for split in wanted:
@@ -393,6 +417,13 @@ def build_folder_dataset(
         class_names = sorted(set().union(*(folder.class_names for folder in indexed.values())))
     else:
         class_names = next(iter(indexed.values())).class_names  # classInd.txt: the same for all
+    return indexed, class_names
+
+
+def _folder_builder_class(root, name, version, encoding, labels, indexed, class_names):
+    """The TFDS builder class (not registered) writing the videos `indexed` holds, split by split."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
     class_id = {class_name.casefold(): i for i, class_name in enumerate(class_names)}
     dataset_name = name
 
@@ -425,6 +456,4 @@ def build_folder_dataset(
                     example["label"] = class_id[entry.relative_path.split("/", 1)[0].casefold()]
                 yield entry.relative_path, example
 
-    builder = FolderVideos(data_dir=str(data_dir), file_format="array_record")
-    builder.download_and_prepare()
-    return str(builder.data_dir)
+    return FolderVideos

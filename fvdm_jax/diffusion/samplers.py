@@ -351,6 +351,33 @@ def sample(
     itself (with class guidance in one batched call); any other is called twice, at x and x_h.
     Returns x_0 (B, N, H, W, C), or (x_0, trajectory (S, B, N, H, W, C)) with return_trajectory.
     """
+    _check_sampler(sampler, eta, rng)
+    cond = as_conditioning(cond)
+    x_T, taus, tau_next = (jnp.asarray(a, jnp.float32) for a in (x_T, taus, tau_next))
+    _check_inputs(x_T, taus, tau_next, cond)
+    guidance = history_guidance if _history_guiding(history_guidance, cond) else None
+    key = jax.random.key(0) if rng is None else rng
+    shape = x_T.shape
+    evaluator = _evaluator(model_fn, schedule, cond, guidance, key, shape)
+    step = functools.partial(_step, sampler, schedule, key, shape, eta=eta, clip_denoised=clip_denoised)
+    x = _initial_state(schedule, x_T, taus[0], cond, key)
+
+    def body(x, inputs):
+        i, tau, nxt = inputs
+        evaluate = evaluator(i)
+        x_in, out = evaluate(x, tau)
+        x_new = step(i, evaluate, out, x_in, tau, nxt)
+        if cond is not None and cond.policy == "hold":
+            x_new = jnp.where(extract(cond.mask, x.ndim), cond.values.astype(x.dtype), x_new)
+        return x_new, (x_new if return_trajectory else None)
+
+    steps = jnp.arange(taus.shape[0], dtype=jnp.uint32)
+    x, trajectory = jax.lax.scan(body, x, (steps, taus, tau_next))
+    return (x, trajectory) if return_trajectory else x
+
+
+def _check_sampler(sampler, eta, rng):
+    """Raises a ValueError for an unknown sampler, or a stochastic one without an rng."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
     stochastic = sampler in ("ddpm", "sde_euler") or (sampler == "ddim" and eta != 0.0)
@@ -358,77 +385,79 @@ def sample(
         raise ValueError(
             f"sampler={sampler!r} (eta={eta}) draws noise: pass rng=jax.random.key(...)"
         )
-    cond = as_conditioning(cond)
-    x_T = jnp.asarray(x_T, jnp.float32)
-    taus = jnp.asarray(taus, jnp.float32)
-    tau_next = jnp.asarray(tau_next, jnp.float32)
-    _check_inputs(x_T, taus, tau_next, cond)
+
+
+def _history_guiding(history_guidance, cond) -> bool:
+    """Whether history guidance applies: active, with conditioning frames the sampler keeps clean."""
     guiding = history_guidance is not None and history_guidance.active and cond is not None
     if guiding and cond.policy == "released":
         raise ValueError(
             "history guidance needs context frames the sampler keeps clean: policy 'hold' or "
             "'replace' ('released' labels them like the other frames)"
         )
-    if guiding:
+    return guiding
+
+
+def _initial_state(schedule: Schedule, x_T, first_tau, cond, key):
+    """x_T with the conditioning frames set to their values (noised to `first_tau` when that is
+    > 0 under 'replace')."""
+    if cond is None:
+        return x_T
+    mask = extract(cond.mask, x_T.ndim)
+    values = cond.values.astype(x_T.dtype)
+    if cond.policy == "replace":
+        first = jnp.where(
+            extract(first_tau > 0, x_T.ndim),
+            q_sample(schedule, values, first_tau, conditioning_noise(key, 0, x_T.shape)),
+            values,
+        )
+        return jnp.where(mask, first, x_T)
+    return jnp.where(mask, values, x_T)  # 'hold' and 'released' (the clean latent written into x_T)
+
+
+def _evaluator(model_fn, schedule: Schedule, cond, history_guidance, key, shape):
+    """evaluator(i) -> evaluate(x_raw, t) -> (what the model sees, its guided output) at step i;
+    `history_guidance` is None when it does not apply."""
+    if history_guidance is not None:
         level = history_guidance.level(schedule.num_timesteps)
-        guided = model_fn if _takes_history(model_fn) else _two_calls(model_fn, x_T.shape[-1])
-    key = jax.random.key(0) if rng is None else rng
-    shape = x_T.shape
+        guided = model_fn if _takes_history(model_fn) else _two_calls(model_fn, shape[-1])
 
-    x = x_T
-    if cond is not None:
-        mask = extract(cond.mask, x.ndim)
-        values = cond.values.astype(x.dtype)
-        if cond.policy == "replace":
-            first = jnp.where(
-                extract(taus[0] > 0, x.ndim),
-                q_sample(schedule, values, taus[0], conditioning_noise(key, 0, shape)),
-                values,
-            )
-            x = jnp.where(mask, first, x)
-        else:  # 'hold' and 'released' (the clean latent written into x_T)
-            x = jnp.where(mask, values, x)
-
-    def body(x, inputs):
-        i, tau, nxt = inputs
+    def evaluator(i):
         zc = conditioning_noise(key, i, shape) if cond is not None else None
 
         def evaluate(x_raw, t):
             """(what the model sees, its guided output) for the state x_raw at tau t."""
             x_in = show_conditioning(schedule, x_raw, t, cond, zc)
-            if not guiding:
+            if history_guidance is None:
                 return x_in, model_fn(x_in, t)
             x_h, tau_h = history_free_input(schedule, x_in, t, cond.mask, cond.values, level,
                                             history_noise(key, i, shape))
             history = HistoryInput(x_h, tau_h, cond.mask, float(history_guidance.scale))
             return x_in, guided(x_in, t, history=history)
 
-        x_in, out = evaluate(x, tau)
-        if sampler == "ddim":
-            noise = step_noise(key, i, shape) if eta != 0.0 else None
-            x_new, _ = ddim_step(
-                schedule, out, x_in, tau, nxt, noise, eta=eta, clip_denoised=clip_denoised
-            )
-        elif sampler == "ddpm":
-            x_new, _ = ddpm_step(
-                schedule, out, x_in, tau, nxt, step_noise(key, i, shape),
-                learn_sigma=out.shape[-1] == 2 * shape[-1], clip_denoised=clip_denoised,
-            )
-        elif sampler == "sde_euler":
-            x_new, _ = sde_euler_step(schedule, out, x_in, tau, nxt, step_noise(key, i, shape),
-                                      clip_denoised=clip_denoised)
-        elif sampler == "ode_euler":
-            x_new, _ = ode_euler_step(schedule, out, x_in, tau, nxt, clip_denoised=clip_denoised)
-        else:
-            x_new, _ = ode_heun_step(schedule, evaluate, out, x_in, tau, nxt,
-                                     clip_denoised=clip_denoised)
-        if cond is not None and cond.policy == "hold":
-            x_new = jnp.where(mask, values, x_new)
-        return x_new, (x_new if return_trajectory else None)
+        return evaluate
 
-    steps = jnp.arange(taus.shape[0], dtype=jnp.uint32)
-    x, trajectory = jax.lax.scan(body, x, (steps, taus, tau_next))
-    return (x, trajectory) if return_trajectory else x
+    return evaluator
+
+
+def _step(sampler: str, schedule: Schedule, key, shape, i, evaluate, out, x_in, tau, nxt, *, eta,
+          clip_denoised):
+    """x after step i of `sampler`, given the model output `out` at the input `x_in` it saw
+    (`evaluate(x, tau)`, as `_evaluator` makes it, for the second evaluation of 'ode_heun')."""
+    if sampler == "ddim":
+        noise = step_noise(key, i, shape) if eta != 0.0 else None
+        return ddim_step(schedule, out, x_in, tau, nxt, noise, eta=eta, clip_denoised=clip_denoised)[0]
+    if sampler == "ddpm":
+        return ddpm_step(
+            schedule, out, x_in, tau, nxt, step_noise(key, i, shape),
+            learn_sigma=out.shape[-1] == 2 * shape[-1], clip_denoised=clip_denoised,
+        )[0]
+    if sampler == "sde_euler":
+        return sde_euler_step(schedule, out, x_in, tau, nxt, step_noise(key, i, shape),
+                              clip_denoised=clip_denoised)[0]
+    if sampler == "ode_euler":
+        return ode_euler_step(schedule, out, x_in, tau, nxt, clip_denoised=clip_denoised)[0]
+    return ode_heun_step(schedule, evaluate, out, x_in, tau, nxt, clip_denoised=clip_denoised)[0]
 
 
 def make_sampler(

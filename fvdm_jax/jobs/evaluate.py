@@ -91,33 +91,12 @@ def eval_job(config, workdir: str) -> EvalResult:
     mesh = shd.make_mesh(config.mesh)
     num_frames = _num_frames(config)
     cache_dir = ev.cache_dir or os.path.join(workdir, "fvd_cache")
-    timings, task, sampler, num_classes = {}, ev.task, None, 0
-
     if ev.generated:
-        if os.path.isdir(ev.generated):
-            fake = FolderVideos(ev.generated, num_frames, int(ev.num_videos), ev.resolution)
-        elif os.path.isfile(ev.generated):
-            fake = NpzVideos(ev.generated, num_frames, int(ev.num_videos))
-            task = scored_task(ev.generated, fake.task, task, requested_task)
-        else:
-            raise FileNotFoundError(f"eval.generated={ev.generated} does not exist")
-        resolution = int(ev.resolution or fake.resolution)
-        num_fake = len(fake)
+        sampler, num_classes = None, 0
+        fake, task, resolution = _open_generated(ev, num_frames, requested_task)
     else:
-        from fvdm_jax.sampling.sampler import VideoSampler
-        from fvdm_jax.sampling.weights import load_sampling_params
-
-        model_config, diffusion_config, params = load_sampling_params(config, workdir)
-        sampler = VideoSampler.from_config(config, params, mesh=mesh, model_config=model_config,
-                                           diffusion_config=diffusion_config)
-        num_classes = int(model_config.get("num_classes") or 0)
-        resolution = int(ev.resolution or sampler.pixel_shape[1])
-        window = int(sampler.pixel_shape[0])
-        if tasks.get_task(task).evaluation == "window" and window != num_frames:
-            raise ConfigError(f"eval.task={task} conditions the model's {window}-frame window on real "
-                             f"clips; set eval.num_frames={window}")
-        made = int(config.sample.total_frames) if tasks.get_task(task).long else window
-        check_generated_frames(made, num_frames, f"eval.task={task}")
+        fake, task = None, ev.task
+        sampler, num_classes, resolution = _load_sampler(config, workdir, mesh, num_frames)
     detector = load_detector(ev.detector, mesh, shd.rules_from_config(config.mesh))
     batch = detector_batch_size(int(ev.batch_size), num_frames, detector.batch_divisor)
     protocol = protocol_from_config(config, num_frames, resolution, named=named)
@@ -128,26 +107,10 @@ def eval_job(config, workdir: str) -> EvalResult:
     cache_path, cache_key = features.real_cache_path(cache_dir, real, protocol, detector)
     real_stats = features.load_cached(cache_path)
     cached = real_stats is not None
-
-    clock = time.perf_counter()
-    if sampler is not None and zero_shot:
-        fake_stats, real_stats = features.zero_shot_features(config, sampler, real, num_frames, detector, batch,
-                                                    real_stats, conditional)
-        num_fake = len(real)
-        timings["seconds_generated"] = time.perf_counter() - clock
-    else:
-        if real_stats is None:
-            real_stats = video_set_features(detector, real, batch, int(ev.num_workers), "real features")
-        timings["seconds_real"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        if sampler is None:
-            logger.info("generated videos: %s", fake.describe())
-            fake_stats = video_set_features(detector, fake, batch, int(ev.num_workers), "generated features")
-        else:
-            num_fake = int(ev.num_videos)
-            fake_stats = features.generated_features(sampler, num_fake, num_frames, detector, batch, int(ev.seed),
-                                            int(config.sample.batch_size), task=task)
-        timings["seconds_generated"] = time.perf_counter() - clock
+    real_stats, fake_stats, num_fake, timings = _video_stats(
+        config, detector, batch, real, real_stats, fake, sampler, num_frames, task,
+        zero_shot=zero_shot, conditional=conditional,
+    )
     if not cached:
         features.save_cached(cache_path, cache_key, real_stats)
 
@@ -166,3 +129,66 @@ def eval_job(config, workdir: str) -> EvalResult:
     write_tensorboard(workdir, step, {f"eval/{metric}": fvd})
     metrics.write_plots(workdir)  # plots/fvd.png of the FVD that ran during training, if any
     return record
+
+
+def _open_generated(ev, num_frames: int, requested_task: str):
+    """(the videos of eval.generated, a folder or an .npz file; the task they are scored as; the
+    resolution)."""
+    task = ev.task
+    if os.path.isdir(ev.generated):
+        fake = FolderVideos(ev.generated, num_frames, int(ev.num_videos), ev.resolution)
+    elif os.path.isfile(ev.generated):
+        fake = NpzVideos(ev.generated, num_frames, int(ev.num_videos))
+        task = scored_task(ev.generated, fake.task, task, requested_task)
+    else:
+        raise FileNotFoundError(f"eval.generated={ev.generated} does not exist")
+    return fake, task, int(ev.resolution or fake.resolution)
+
+
+def _load_sampler(config, workdir: str, mesh, num_frames: int):
+    """(the VideoSampler of WORKDIR's checkpoint, the model's number of classes, the resolution);
+    checks that it makes the frames eval.task scores."""
+    from fvdm_jax.sampling.sampler import VideoSampler
+    from fvdm_jax.sampling.weights import load_sampling_params
+
+    ev, task = config.eval, config.eval.task
+    model_config, diffusion_config, params = load_sampling_params(config, workdir)
+    sampler = VideoSampler.from_config(config, params, mesh=mesh, model_config=model_config,
+                                       diffusion_config=diffusion_config)
+    num_classes = int(model_config.get("num_classes") or 0)
+    resolution = int(ev.resolution or sampler.pixel_shape[1])
+    window = int(sampler.pixel_shape[0])
+    if tasks.get_task(task).evaluation == "window" and window != num_frames:
+        raise ConfigError(f"eval.task={task} conditions the model's {window}-frame window on real "
+                         f"clips; set eval.num_frames={window}")
+    made = int(config.sample.total_frames) if tasks.get_task(task).long else window
+    check_generated_frames(made, num_frames, f"eval.task={task}")
+    return sampler, num_classes, resolution
+
+
+def _video_stats(config, detector, batch, real, real_stats, fake, sampler, num_frames, task, *, zero_shot,
+                 conditional):
+    """(real statistics, generated statistics, number of generated videos, timings): the real ones
+    computed unless `real_stats` came from the cache; the generated ones from `fake` (eval.generated)
+    or made by `sampler`, zero-shot tasks on the real clips themselves."""
+    ev, timings = config.eval, {}
+    clock = time.perf_counter()
+    if sampler is not None and zero_shot:
+        fake_stats, real_stats = features.zero_shot_features(config, sampler, real, num_frames, detector, batch,
+                                                    real_stats, conditional)
+        timings["seconds_generated"] = time.perf_counter() - clock
+        return real_stats, fake_stats, len(real), timings
+    if real_stats is None:
+        real_stats = video_set_features(detector, real, batch, int(ev.num_workers), "real features")
+    timings["seconds_real"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    if sampler is None:
+        logger.info("generated videos: %s", fake.describe())
+        num_fake = len(fake)
+        fake_stats = video_set_features(detector, fake, batch, int(ev.num_workers), "generated features")
+    else:
+        num_fake = int(ev.num_videos)
+        fake_stats = features.generated_features(sampler, num_fake, num_frames, detector, batch, int(ev.seed),
+                                        int(config.sample.batch_size), task=task)
+    timings["seconds_generated"] = time.perf_counter() - clock
+    return real_stats, fake_stats, num_fake, timings

@@ -99,23 +99,31 @@ def _latents(data, model, vae, workdir, num_classes):
     )
 
 
+def _clip_rules(data, model, num_classes) -> dict:
+    """The keyword arguments of the real-video sources (video folders, TFDS): the dataset's clip
+    rules, the model's frame count, labels when the model is class-conditional."""
+    return dict(
+        dataset=_required(data, "dataset", "data"),
+        num_frames=_required(model, "num_frames", "model"),
+        frame_interval=_required(data, "frame_interval", "data"),
+        image_size=_required(data, "image_size", "data"),
+        seed=_required(data, "seed", "data"),
+        labels=num_classes > 0,
+        class_ids=data.get("class_ids") or "sorted",
+    )
+
+
 def _tfds(data, model, vae, workdir, num_classes):
     from fvdm_jax.data.tfds_source import TfdsVideoSource
 
     _rgb(model, "tfds")
     built = TfdsVideoSource(
         _required(data, "tfds_name", "data"),
-        dataset=_required(data, "dataset", "data"),
-        num_frames=_required(model, "num_frames", "model"),
-        frame_interval=_required(data, "frame_interval", "data"),
-        image_size=_required(data, "image_size", "data"),
-        seed=_required(data, "seed", "data"),
         split=data.get("tfds_split") or data.get("split"),
         data_dir=data.get("tfds_data_dir"),
         video_key=data.get("tfds_video_key") or "video",
         label_key=data.get("tfds_label_key") or "label",
-        labels=num_classes > 0,
-        class_ids=data.get("class_ids") or "sorted",
+        **_clip_rules(data, model, num_classes),
     )
     logging.info("%s", built.describe())
     return built
@@ -124,17 +132,8 @@ def _tfds(data, model, vae, workdir, num_classes):
 def _video_folder(data, model, vae, workdir, num_classes):
     from fvdm_jax.data.folder import VideoFolderSource
 
-    built = VideoFolderSource(
-        _required(data, "path", "data"),
-        dataset=_required(data, "dataset", "data"),
-        num_frames=_required(model, "num_frames", "model"),
-        frame_interval=_required(data, "frame_interval", "data"),
-        image_size=_required(data, "image_size", "data"),
-        seed=_required(data, "seed", "data"),
-        split=data.get("split"),
-        labels=num_classes > 0,
-        class_ids=data.get("class_ids") or "sorted",
-    )
+    built = VideoFolderSource(_required(data, "path", "data"), split=data.get("split"),
+                              **_clip_rules(data, model, num_classes))
     logging.info("%s", built.describe())
     return built
 

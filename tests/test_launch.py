@@ -153,16 +153,23 @@ echo "worker=$WORKER pwd=$PWD FVDM_DISTRIBUTED=$FVDM_DISTRIBUTED args=$*" >> "$S
 """
 
 
-def test_tpu_pod_script_copies_and_starts_the_job_on_every_worker(tmp_path):
+def _tpu_hosts(tmp_path, python_stub: str):
+    """A stub gcloud on PATH (bin/) and, on each of 2 workers, the virtualenv an earlier launch
+    left there, whose python is `python_stub`; returns the bin folder."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "gcloud").write_text(GCLOUD)
     (stubs / "gcloud").chmod(0o755)
-    for w in range(2):  # the virtualenv an earlier launch left on each host
+    for w in range(2):
         venv = tmp_path / f"worker{w}" / "fvdm_venv" / "bin"
         venv.mkdir(parents=True)
-        (venv / "python").write_text(PYTHON_STUB)
+        (venv / "python").write_text(python_stub)
         (venv / "python").chmod(0o755)
+    return stubs
+
+
+def test_tpu_pod_script_copies_and_starts_the_job_on_every_worker(tmp_path):
+    stubs = _tpu_hosts(tmp_path, PYTHON_STUB)
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "gcloud.log"),
            "STUB_DIR": str(tmp_path), "TPU_NAME": "fvdm-v5p-16", "ZONE": "us-east5-a",
            "PROJECT": "my-project", "WORKDIR": "gs://bucket/runs/ffs xl", "SKIP_INSTALL": "1"}
@@ -243,15 +250,7 @@ codes=($STUB_EXITS); exit "${codes[$n]:-0}"
     ("1 0", 3, 1, 1),  # a failure to look at
 ])
 def test_tpu_pod_script_reruns_a_preempted_or_lost_job(tmp_path, exits, max_restarts, status, starts):
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    (stubs / "gcloud").write_text(GCLOUD)
-    (stubs / "gcloud").chmod(0o755)
-    for w in range(2):
-        venv = tmp_path / f"worker{w}" / "fvdm_venv" / "bin"
-        venv.mkdir(parents=True)
-        (venv / "python").write_text(PYTHON_EXITS)
-        (venv / "python").chmod(0o755)
+    stubs = _tpu_hosts(tmp_path, PYTHON_EXITS)
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "gcloud.log"),
            "STUB_DIR": str(tmp_path), "TPU_NAME": "fvdm-v5p-16", "ZONE": "us-east5-a",
            "WORKDIR": "gs://bucket/run", "SKIP_INSTALL": "1", "SKIP_COPY": "1", "STUB_EXITS": exits,

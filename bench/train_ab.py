@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 from bench import benchlib  # noqa: E402
 from bench.train_throughput import abstract_batch, configure, parse  # noqa: E402
 from fvdm_jax.training.flops import model_flops_from_config  # noqa: E402
-from fvdm_jax.training.loop import build_setup, create_state  # noqa: E402
+from fvdm_jax.training.loop import create_state  # noqa: E402
+from fvdm_jax.training.setup import build_setup  # noqa: E402
 from fvdm_jax.training.step import JittedTrainStep  # noqa: E402
 
 

@@ -43,7 +43,8 @@ import numpy as np  # noqa: E402
 from bench import benchlib  # noqa: E402
 from fvdm_jax.config.load import load_config  # noqa: E402
 from fvdm_jax.training.flops import dit_forward_flops, model_kwargs_from_config  # noqa: E402
-from fvdm_jax.training.loop import build_setup, create_state  # noqa: E402
+from fvdm_jax.training.loop import create_state  # noqa: E402
+from fvdm_jax.training.setup import build_setup  # noqa: E402
 from fvdm_jax.training.step import JittedTrainStep  # noqa: E402
 
 
@@ -67,6 +68,10 @@ def parse(argv):
                         help="any other config override, e.g. model.patch_size=4 (repeatable)")
     parser.add_argument("--compile_only", action="store_true",
                         help="lower + compile on abstract state; no step is run")
+    parser.add_argument("--topology", default=None,
+                        help="with --compile_only: compile for this TPU slice instead of the local "
+                             "devices (v5e-16, v5p-128, v5e:4x4, ...; needs libtpu)")
+    parser.add_argument("--num_slices", type=int, default=1, help="slices of --topology (DCN)")
     parser.add_argument("--peak_flops", type=float, default=None,
                         help="per-device peak FLOP/s for MFU (default: vendor bf16 peak by kind)")
     parser.add_argument("--matmul_peak", type=float, default=None,
@@ -122,7 +127,15 @@ def main(argv=None):
     args = parse(argv)
     load_before = benchlib.load_average()
     config = configure(args)
-    setup = build_setup(config)
+    devices = None
+    if args.topology:  # a TPU slice's compile-only devices, 'auto' choices resolved for the TPU
+        if not args.compile_only:
+            raise SystemExit("--topology needs --compile_only (the slice's devices only compile)")
+        from fvdm_jax.jobs.compile import for_target, parse_topology, target_devices
+
+        config = for_target(config)
+        devices = target_devices(parse_topology(args.topology, args.num_slices))
+    setup = build_setup(config, devices)
     model = setup.model
     step = JittedTrainStep(
         model, setup.schedule, setup.optimizer, config.train, config.ptss,
@@ -154,6 +167,8 @@ def main(argv=None):
         batch=b,
         mesh=dict(setup.mesh.shape),
         devices=devices,
+        device_kind=setup.mesh.devices.flat[0].device_kind,
+        topology=args.topology,
         compile_only=args.compile_only,
         lower_s=round(lower_s, 3),
         compile_s=round(compile_s, 3),

@@ -230,12 +230,27 @@ def get_config() -> config_dict.ConfigDict:
     # A parameter dim its mesh axes do not divide is replicated with one warning naming it;
     # True raises instead (then change mesh.shape or the model width).
     mesh.strict = False
+    # True: at start (training and --mode=compile) keep the layout above if the compiler fits its
+    # train step in the device memory, else take the first that fits: fewer micro-batches, then
+    # less remat, then the least sharding (data, fsdp, tensor); logged in the banner. Sets
+    # mesh.shape, model.remat and train.grad_accum_steps (training/fit.py). On a CPU nothing is
+    # compiled: the layout above if the batch divides over it, else the first that does.
+    mesh.fit = False
 
-    # --mode=compile (fvdm_jax/jobs/compile.py): compile the train step for a TPU slice on this
-    # machine (needs libtpu, no TPU) and report its per-chip memory plan, collectives and fit.
+    # --mode=compile (fvdm_jax/jobs/compile.py): compile the programs for a TPU slice on this
+    # machine (needs libtpu, no TPU) and report their per-chip memory plans, collectives and fit.
     config.compile = compile_ = config_dict.ConfigDict()
     compile_.topology = ""  # required by --mode=compile: v5e-16 / v6e-256 (chips), v4-8 / v5p-128 (cores), v5e:4x4
     compile_.num_slices = 1  # slices of that topology joined over DCN (multislice); mesh axis 0 spans them
+    # train_step / sample (one sample.batch_size batch of 'generate') / vae_encode (one --mode=encode
+    # call; latent models) / fvd_features (one eval.batch_size batch of the I3D)
+    compile_.programs = ("train_step", "sample", "vae_encode", "fvd_features")
+    # True: search the train step's layouts breadth-first (mesh x remat x micro-batches) and keep the
+    # cheapest that fits (least remat, then fewest collective bytes), with its --config flags.
+    compile_.fit = False
+    # The VAE the vae_encode program compiles when vae.checkpoint is not set: a diffusers
+    # AutoencoderKL config.json (the recipes' VAE, sd-vae-ft-ema; no weights are read).
+    compile_.vae_config = "configs/vae/sd-vae-ft-ema.json"
 
     # The console of process 0 (fvdm_jax/runtime/console.py): progress of training, encoding, sampling and
     # FVD. Log levels are flags: --log_level=info (or --verbosity=1) shows third-party INFO lines.

@@ -116,7 +116,7 @@ def _compile(config, workdir):
 
     records, text = compile_job(config, workdir)
     print(text)
-    if not all(record["fits"] for record in records):
+    if any(record["fits"] is False for record in records):
         sys.exit(1)  # scripts see the verdict; the line above says what does not fit
 
 

@@ -17,7 +17,8 @@ from fvdm_jax.convert.tensors import write_safetensors
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.jobs.export import export
 from fvdm_jax.training.init_from import INFERENCE, OFFICIAL, WORKDIR, source_kind, state_from_pretrained
-from fvdm_jax.training.loop import build_setup, create_state, train
+from fvdm_jax.training.loop import create_state, train
+from fvdm_jax.training.setup import build_setup
 
 HERE = os.path.dirname(__file__)
 CONFIGS = os.path.join(HERE, "..", "configs")

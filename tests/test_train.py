@@ -18,7 +18,8 @@ from fvdm_jax.config.load import load_config
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.jobs.export import export
 from fvdm_jax.runtime import sharding as shd
-from fvdm_jax.training.loop import NonFiniteError, build_setup, train
+from fvdm_jax.training.loop import NonFiniteError, train
+from fvdm_jax.training.setup import build_setup
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 STEPS = 5

@@ -136,6 +136,21 @@ class JaxI3D:
         return np.asarray(self._fn(self._variables, videos), np.float32)
 
 
+def lower_i3d(mesh, rules, batch: int, frames: int, size: int):
+    """JaxI3D's program for `batch` uint8 videos (frames, size, size, 3) sharded as in evaluation,
+    lowered on abstract weights (their shapes from the shipped weights): nothing is allocated on
+    the mesh's devices (--mode=compile)."""
+    if "variables" not in _I3D_WEIGHTS:
+        _I3D_WEIGHTS["variables"] = load_i3d_weights()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    variables = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=replicated),
+        _I3D_WEIGHTS["variables"])
+    videos = jax.ShapeDtypeStruct((batch, frames, size, size, 3), np.uint8,
+                                  sharding=shd.batch_sharding(mesh, rules, 5))
+    return jax.jit(_i3d_features, out_shardings=replicated).lower(variables, videos)
+
+
 class TorchScriptDetector:
     """StyleGAN-V's i3d_torchscript.pt (optional torch): JAX preprocessing, then the TorchScript model."""
 

@@ -19,15 +19,15 @@ and model.attention=auto resolve for the TPU, not for this machine's backend.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
-import time
 
 from fvdm_jax.errors import ConfigError
-
-GIB = 1024**3
+from fvdm_jax.runtime.compiled import one_line
 
 # Per-chip HBM (GiB) and the chip config of each generation (v4 and v5p: one device per chip,
 # the two TensorCores as one "megacore"). Cloud TPU docs: v4 32 GiB, v5e 16 GB, v5p 95 GB,
@@ -40,14 +40,29 @@ GENERATIONS = {
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
 HOST_BOUNDS = (2, 2, 1)  # chips per host of a multi-host slice (4 per VM)
-COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
 NAME_HELP = ("give a slice such as v5e-16, v6e-256 (chips), v4-8, v5p-128 (TensorCores) or "
-             "v5e:4x4, v5p:4x4x4")
+             "v5e:4x4, v5p:4x4x4, or GPUs h100-8, h200-16 (8 per host)")
+
+# NVIDIA GPUs the CUDA compiler targets without a GPU (the jax CUDA PJRT plugin and a target
+# description; XLA:GPU reports memory but does not refuse a program that exceeds it). Hopper
+# SXM: 132 SMs, 228 KiB shared memory per SM, 50 MiB L2 (NVIDIA's H100 / H200 datasheets).
+GPUS = {
+    "h100": {"name": "NVIDIA H100 80GB HBM3", "memory_bytes": 84942979072,
+             "bandwidth": 3352320000000, "mem_clock_khz": 2619000},
+    "h200": {"name": "NVIDIA H200 141GB HBM3e", "memory_bytes": 151397597184,
+             "bandwidth": 4800000000000, "mem_clock_khz": 3750000},
+}
+GPUS_PER_HOST = 8
+# JAX preallocates this fraction of GPU memory for XLA's buffers (XLA_PYTHON_CLIENT_MEM_FRACTION).
+GPU_MEM_FRACTION = 0.75
+CUDA_PLUGIN = ("pip install --no-deps jax-cuda12-plugin==<jax's version> "
+               "jax-cuda12-pjrt==<jax's version> (the CUDA compiler, ~480 MB; no GPU needed)")
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A TPU slice as libtpu names it: generation, 'v5e:4x4', chips per slice, HBM per chip."""
+    """A TPU slice as libtpu names it (generation, 'v5e:4x4', chips per slice, HBM per chip), or
+    GPUs (generation 'h100', topology '1x<hosts>x<per host>', the memory XLA may use)."""
 
     name: str  # as the user gave it
     generation: str
@@ -55,6 +70,10 @@ class Target:
     shape: tuple[int, ...]
     num_slices: int
     hbm_gib: float
+
+    @property
+    def platform(self) -> str:
+        return "gpu" if self.generation in GPUS else "tpu"
 
     @property
     def chips(self) -> int:
@@ -87,10 +106,13 @@ def parse_topology(name: str, num_slices: int = 1) -> Target:
         raise ConfigError(f"--mode=compile needs config.compile.topology: {NAME_HELP}")
     if int(num_slices) < 1:
         raise ConfigError(f"config.compile.num_slices={num_slices} must be >= 1")
+    gpu = re.fullmatch(r"(h100|h200)-(\d+)", text)
+    if gpu:
+        return _gpu_target(str(name), gpu.group(1), int(gpu.group(2)), int(num_slices))
     match = re.fullmatch(r"(v\d+[a-z]*)(?:([-:])(.+))?", text)
     generation = match and ALIASES.get(match.group(1), match.group(1))
     if not match or generation not in GENERATIONS or not match.group(3):
-        raise ConfigError(f"config.compile.topology={name!r} is not a TPU slice I know: {NAME_HELP}")
+        raise ConfigError(f"config.compile.topology={name!r} is not a TPU slice or GPU I know: {NAME_HELP}")
     spec = GENERATIONS[generation]
     if match.group(2) == ":":
         try:
@@ -112,10 +134,59 @@ def parse_topology(name: str, num_slices: int = 1) -> Target:
                   int(num_slices), spec["hbm_gib"])
 
 
+def _gpu_target(name: str, generation: str, count: int, num_slices: int) -> Target:
+    if num_slices != 1:
+        raise ConfigError(f"config.compile.num_slices={num_slices}: GPUs have no slices; give "
+                          f"the GPU count, e.g. {generation}-32 (4 hosts of 8)")
+    if count < 1 or (count > GPUS_PER_HOST and count % GPUS_PER_HOST):
+        raise ConfigError(f"config.compile.topology={name!r}: up to {GPUS_PER_HOST} GPUs on one "
+                          f"host or a multiple of {GPUS_PER_HOST}; {NAME_HELP}")
+    hosts, per_host = max(1, count // GPUS_PER_HOST), min(count, GPUS_PER_HOST)
+    usable = GPUS[generation]["memory_bytes"] * GPU_MEM_FRACTION / 1024**3
+    return Target(name, generation, f"1x{hosts}x{per_host}", (hosts, per_host), 1, round(usable, 3))
+
+
+def gpu_target_config(generation: str) -> str:
+    """The CUDA compiler's description of a GPU (a GpuTargetConfigProto in text form)."""
+    spec = GPUS[generation]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {spec['bandwidth']} l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: {spec['memory_bytes']} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+device_description_str: "{spec['name']}"
+"""
+
+
+def _gpu_devices(target: Target) -> list:
+    import importlib.util
+
+    from jax.experimental import topologies
+
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        raise ConfigError(f"--mode=compile for {target.name} needs jax's CUDA plugin: {CUDA_PLUGIN}")
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", topology_name="", topology=target.topology,
+            target_config=gpu_target_config(target.generation))
+    except Exception as error:  # noqa: BLE001 - the plugin's own message, on one line
+        raise ConfigError(f"config.compile.topology={target.name!r}: {one_line(error)}") from None
+    return list(topology.devices)
+
+
 def target_devices(target: Target) -> list:
-    """The compile-only devices of the target slice(s), from libtpu; nothing runs on them."""
+    """The compile-only devices of the target slice(s) (libtpu) or GPUs (jax's CUDA plugin);
+    nothing runs on them."""
     from jax._src.cloud_tpu_init import get_tpu_library_path
 
+    if target.platform == "gpu":
+        return _gpu_devices(target)
     if get_tpu_library_path() is None:
         raise ConfigError('--mode=compile needs libtpu (the TPU compiler): pip install '
                           '-r requirements-compile.txt (libtpu, the version jax[tpu] pins)')
@@ -137,89 +208,15 @@ def target_devices(target: Target) -> list:
             chips_per_host_bounds=target.host_bounds(), **kwargs)
     except Exception as error:  # noqa: BLE001 - libtpu's own message, on one line
         raise ConfigError(f"config.compile.topology={target.name!r} ({target.topology}): "
-                          f"{_one_line(error)}") from None
+                          f"{one_line(error)}") from None
     return list(topology.devices)
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
-# ---- the compiled program: memory plan, collectives, out-of-memory message --------------------
-
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5,
-          "u4": 0.5}
-_SHAPE = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\]")
-_OP = re.compile(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start|-done)?\(")
-
-
-def _shape_bytes(text: str) -> int:
-    total = 0.0
-    for dtype, dims in _SHAPE.findall(text):
-        size = 1 if dtype.startswith("f8") else _BYTES.get(dtype)
-        if size is not None:
-            total += size * math.prod(int(d) for d in dims.split(",") if d)
-    return int(total)
-
-
-def collectives(hlo_text: str) -> dict:
-    """{kind: {'count', 'bytes'}} of the compiled (per-chip) HLO: each collective instruction
-    once (one in the scanned layer loop runs once per layer), bytes its result per chip (for an
-    async pair, the -done's result)."""
-    out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
-    for line in hlo_text.splitlines():
-        match = _OP.search(line)
-        if not match:
-            continue
-        shape, kind, phase = match.groups()
-        if phase != "-done":
-            out[kind]["count"] += 1
-        if phase != "-start":
-            out[kind]["bytes"] += _shape_bytes(shape)
-    return out
-
-
-def memory_gib(compiled) -> tuple[dict, dict]:
-    """XLA's per-chip plan in GiB: arguments, outputs, aliased (donated state), temporaries,
-    generated code, and total = arguments + outputs - aliased + temporaries + code; and the same
-    in bytes."""
-    stats = compiled.memory_analysis()
-    arg, out = stats.argument_size_in_bytes, stats.output_size_in_bytes
-    alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
-    code = stats.generated_code_size_in_bytes
-    values = {"arguments": arg, "outputs": out, "aliased": alias, "temporaries": temp,
-              "generated_code": code, "total": arg + out - alias + temp + code}
-    return {k: round(v / GIB, 6) for k, v in values.items()}, values
-
-
-_SIZE = r"([\d.]+)\s*([KMGT])i?B?"
-_UNITS = {"K": 2**-20, "M": 2**-10, "G": 1.0, "T": 1024.0}
-
-
-def out_of_memory(message: str) -> tuple[float, float] | None:
-    """(needed GiB, available GiB) from XLA:TPU's RESOURCE_EXHAUSTED message, e.g. 'the total
-    memory required for HLO temporaries (49.80G) exceeds available HBM (15.75G)' or 'Used 20.25G
-    of 15.75G hbm'; None when the message is something else."""
-    if "RESOURCE_EXHAUSTED" not in message:
-        return None
-    for pattern in (rf"\({_SIZE}\)\s+exceeds available HBM\s+\({_SIZE}\)",
-                    rf"Used\s+{_SIZE}\s+of\s+{_SIZE}"):
-        match = re.search(pattern, message)
-        if match:
-            need, nu, have, hu = match.groups()
-            return float(need) * _UNITS[nu], float(have) * _UNITS[hu]
-    sizes = re.findall(rf"\b{_SIZE}", message)
-    if len(sizes) >= 2:
-        (need, nu), (have, hu) = sizes[0], sizes[1]
-        return float(need) * _UNITS[nu], float(have) * _UNITS[hu]
-    return None
-
-
-# ---- the job -----------------------------------------------------------------------------------
+# ---- the programs ----------------------------------------------------------------------------
 
 def for_target(config, platform: str = "tpu"):
-    """A copy of config with model.remat and model.attention 'auto' resolved for `platform`."""
+    """A copy of config with model.remat and model.attention 'auto' resolved for `platform`
+    (a jax backend name: tpu, gpu, cpu)."""
     from fvdm_jax.models.dit import resolve_remat
     from fvdm_jax.models.layers import resolve_attention
 
@@ -230,75 +227,156 @@ def for_target(config, platform: str = "tpu"):
     return config
 
 
-def _abstract_batch(setup, config):
-    import jax
-    import numpy as np
-
-    model, b = setup.model, int(config.train.batch_size)
-    shape = (b, model.num_frames, model.input_size, model.input_size, model.in_channels)
-    return {
-        "video": jax.ShapeDtypeStruct(shape, np.float32, sharding=setup.batch_shardings["video"]),
-        "label": jax.ShapeDtypeStruct((b,), np.int32, sharding=setup.batch_shardings["label"]),
-    }
+def _model_summary(config) -> dict:
+    return {k: config.model[k] for k in ("size", "hidden_size", "depth", "patch_size", "dtype",
+                                         "remat", "attention", "scan_layers")}
 
 
-def compile_train_step(config, target: Target, devices) -> dict:
-    """The record of the train step compiled for `devices` (fits or not)."""
-    from fvdm_jax.training.loop import build_setup
-    from fvdm_jax.training.step import JittedTrainStep
+def train_step_record(config, devices, hbm_gib: float, where: str) -> dict:
+    """The train step as configured, or, with config.mesh.fit, the first layout that fits;
+    with config.compile.fit, the cheapest that fits (training/fit.py), its search attached."""
+    from fvdm_jax.training import fit
 
-    config = for_target(config)
-    setup = build_setup(config, devices=devices)
-    step = JittedTrainStep(setup.model, setup.schedule, setup.optimizer, config.train, config.ptss,
-                           setup.state_shardings, setup.batch_shardings, mesh=setup.mesh,
-                           rules=setup.rules)
-    record = {
-        "program": "train_step", "topology": target.name, "topology_name": target.topology,
-        "num_slices": target.num_slices, "chips": target.chips,
-        "device_kind": devices[0].device_kind, "mesh": dict(setup.mesh.shape),
-        "hbm_gib_per_chip": target.hbm_gib, "batch_size": int(config.train.batch_size),
-        "model": {k: config.model[k] for k in ("size", "hidden_size", "depth", "patch_size",
-                                               "dtype", "remat", "attention", "scan_layers")},
-    }
-    started = time.perf_counter()
-    lowered = step.lower(setup.abstract_state, _abstract_batch(setup, config))
-    record["lower_s"] = round(time.perf_counter() - started, 3)
-    started = time.perf_counter()
-    try:
-        compiled = lowered.compile()
-    except Exception as error:  # noqa: BLE001 - only XLA's out-of-memory is a result
-        sizes = out_of_memory(str(error))
-        if sizes is None:
-            raise
-        need, have = sizes
-        what = re.search(r"required for ([\w ]+?) \(", str(error))
-        what = f" of {what.group(1)}" if what else " per chip"
-        record.update(
-            compile_s=round(time.perf_counter() - started, 3), fits=False,
-            need_gib=round(need, 3), available_gib=round(have, 3),
-            short_by_gib=round(need - have, 3), xla_message=_one_line(error)[:500],
-            error=(f"train_step does not fit on {target.name} ({record['device_kind']}): it needs "
-                   f"{need:.2f} GiB{what}, the chip has {have:.2f} GiB usable of "
-                   f"{target.hbm_gib:g} GiB HBM; does not fit by {need - have:.2f} GiB"))
-        return record
-    record["compile_s"] = round(time.perf_counter() - started, 3)
-    memory, memory_bytes = memory_gib(compiled)
-    record.update(memory_gib=memory, memory_bytes=memory_bytes, fits=memory["total"] <= target.hbm_gib,
-                  collectives=collectives(compiled.as_text()))
-    if not record["fits"]:
-        short = memory["total"] - target.hbm_gib
-        record["short_by_gib"] = round(short, 3)
-        record["error"] = (f"train_step does not fit on {target.name}: {memory['total']:.2f} GiB "
-                           f"per chip of {target.hbm_gib:g} GiB HBM; does not fit by {short:.2f} GiB")
+    search = None
+    if bool(config.compile.fit):
+        best, tried = fit.search(config, devices, hbm_gib, where)
+        search = [_trial(r) for r in tried]
+        record = best or min(tried, key=lambda r: r.get("need_gib", math.inf))
+        how = "cheapest that fits (compile.fit)" if best else "none fits (compile.fit)"
+    elif bool(config.mesh.get("fit", False)):
+        layout, tried = fit.first_fit(config, devices, hbm_gib, where)
+        search = [_trial(r) for r in tried]
+        record = tried[-1]
+        how = ("configured, fits" if layout == fit.configured(config, devices)
+               else f"first fit (mesh.fit), {len(tried)} compiled")
+    else:
+        record = fit.measure_layout(config, fit.configured(config, devices), devices, hbm_gib, where)
+        how = "configured"
+    layout = fit.Layout(**dict(record["layout"], mesh_shape=tuple(record["layout"]["mesh_shape"])))
+    chosen = layout.apply(config)
+    record = dict(record, program="train_step", layout_choice=how,
+                  batch_size=int(config.train.batch_size), model=_model_summary(chosen))
+    if search is not None:
+        record["search"] = search
     return record
 
 
+def _trial(record: dict) -> dict:
+    """One layout the search compiled: its flags, fit, per-chip GiB and collective bytes."""
+    from fvdm_jax.runtime.compiled import collective_bytes
+
+    total = record["memory_gib"]["total"] if "memory_gib" in record else record.get("need_gib")
+    return {"flags": record["flags"], "fits": record["fits"], "total_gib": total,
+            "collective_bytes": collective_bytes(record), "compile_s": record["compile_s"]}
+
+
+def sample_record(config, devices, hbm_gib: float, where: str) -> dict:
+    """The sampler's scan (config.sample: sampler, steps, guidance) of one batch of the
+    'generate' task, sample.batch_size videos, on abstract EMA weights."""
+    from fvdm_jax.runtime import sharding as shd
+    from fvdm_jax.runtime.compiled import measure
+    from fvdm_jax.sampling.sampler import VideoSampler
+
+    mesh = shd.make_mesh(config.mesh, devices)
+    sampler = VideoSampler(config.model, _schedule(config), config.sample, mesh=mesh,
+                           rules=shd.rules_from_config(config.mesh))
+    batch = int(config.sample.batch_size)
+    lowered = sampler.lower("generate", batch)
+    record, _ = measure(lowered, "sample", where, hbm_gib)
+    return dict(record, program="sample", mesh=dict(mesh.shape), task="generate",
+                sampler=str(config.sample.sampler), num_steps=int(config.sample.num_steps),
+                batch_size=batch, padded_batch=sampler.padded(batch))
+
+
+def _schedule(config):
+    from fvdm_jax.diffusion.schedule import Schedule
+
+    return Schedule.from_config(config.diffusion)
+
+
+def vae_config_path(config) -> str | None:
+    """The VAE architecture the encode program compiles: vae.checkpoint's config.json, else
+    config.compile.vae_config (a relative path not found from here is read from the source
+    checkout, where configs/ is); None when neither is given."""
+    folder = (config.get("vae") or {}).get("checkpoint")
+    if folder:
+        return os.path.join(folder, "config.json")
+    path = str(config.compile.get("vae_config") or "")
+    if path and not os.path.isabs(path) and not os.path.exists(path):
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if os.path.exists(os.path.join(repo, path)):
+            return os.path.join(repo, path)
+    return path or None
+
+
+def vae_encode_record(config, devices, hbm_gib: float, where: str) -> dict:
+    """One --mode=encode call: vae.encode_batch_size frames per chip, encoded by the VAE of
+    `vae_config_path` (posterior mean and log-variance), the frames sharded over all chips."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from fvdm_jax.models.dit import DTYPES
+    from fvdm_jax.models.vae import AutoencoderKL, vae_from_config
+    from fvdm_jax.runtime import files
+    from fvdm_jax.runtime.compiled import measure
+
+    path = vae_config_path(config)
+    if not files.isfile(path):
+        raise ConfigError(f"VAE config {path} does not exist: set config.compile.vae_config to a "
+                          f"diffusers AutoencoderKL config.json or vae.checkpoint to its folder")
+    with files.open_file(path) as f:
+        architecture = json.load(f)
+    dtype = DTYPES[str(config.vae.dtype)]
+    vae = vae_from_config(architecture, dtype=dtype, param_dtype=dtype)
+    mesh = Mesh(np.array(devices), ("batch",))
+    frames = int(config.vae.encode_batch_size) * len(devices)
+    size = int(config.model.input_size) * vae.downsample_factor
+    images = jax.ShapeDtypeStruct((frames, size, size, 3), np.float32,
+                                  sharding=NamedSharding(mesh, PartitionSpec("batch")))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = jax.eval_shape(vae.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
+    params = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), params)
+    encode = jax.jit(lambda p, x: vae.apply(p, x, method=AutoencoderKL.encode))
+    record, _ = measure(encode.lower(params, images), "vae_encode", where, hbm_gib)
+    return dict(record, program="vae_encode", mesh={"batch": len(devices)}, vae_config=path,
+                frames=frames, image_size=size, dtype=str(config.vae.dtype))
+
+
+def fvd_features_record(config, devices, hbm_gib: float, where: str) -> dict:
+    """One batch of the FVD detector (the JAX I3D, logits) on eval.batch_size generated videos
+    of the model's frames at its pixel resolution, sharded as in evaluation."""
+    from fvdm_jax.evaluation.fvd import lower_i3d
+    from fvdm_jax.runtime import sharding as shd
+    from fvdm_jax.runtime.compiled import measure
+
+    mesh = shd.make_mesh(config.mesh, devices)
+    rules = shd.rules_from_config(config.mesh)
+    factor = 8 if str(config.data.source) == "latents" else 1
+    size = int(config.model.input_size) * factor
+    frames, batch = int(config.model.num_frames), int(config.eval.batch_size)
+    lowered = lower_i3d(mesh, rules, batch, frames, size)
+    record, _ = measure(lowered, "fvd_features", where, hbm_gib)
+    return dict(record, program="fvd_features", mesh=dict(mesh.shape), batch_size=batch,
+                video_shape=[frames, size, size, 3])
+
+
+PROGRAMS = {"train_step": train_step_record, "sample": sample_record,
+            "vae_encode": vae_encode_record, "fvd_features": fvd_features_record}
+
+
+# ---- the job -----------------------------------------------------------------------------------
+
 def report(records: list[dict]) -> str:
-    """The table (one row per program) and a line for each program that does not fit."""
+    """The table (one row per program), the layout search if any, and a line for each program
+    that does not fit or was skipped."""
     head = (f"{'program':<12} {'topology':<14} {'chips':>5} {'args':>8} {'outputs':>8} "
             f"{'temps':>8} {'code':>7} {'total':>8} {'HBM':>6} {'compile_s':>9}  fits  collectives")
     lines = [head, "-" * len(head)]
     for r in records:
+        if r.get("skipped"):
+            continue
         name = r["topology"] + (f" x{r['num_slices']}" if r["num_slices"] > 1 else "")
         m = r.get("memory_gib")
         if m:
@@ -312,19 +390,83 @@ def report(records: list[dict]) -> str:
                      f"{r['hbm_gib_per_chip']:6.1f} {r['compile_s']:9.2f}  "
                      f"{'yes' if r['fits'] else 'NO ':<4}  {coll}")
     lines.append("per-chip GiB (XLA's memory plan; total = args + outputs - donated + temps + code)")
-    lines += [r["error"] for r in records if not r["fits"]]
+    for r in records:
+        if r["program"] == "train_step" and "layout" in r:
+            lines.append(f"train_step layout ({r['layout_choice']}): mesh {r['mesh']}; "
+                         f"flags: {r['flags']}")
+        for trial in r.get("search", []) if len(r.get("search", [])) > 1 else []:
+            total = "-" if trial["total_gib"] is None else f"{trial['total_gib']:.3f} GiB"
+            comm = f", {trial['collective_bytes'] / 2**20:.1f} MiB collectives" if trial["fits"] else ""
+            lines.append(f"  tried {trial['flags']}: {'fits' if trial['fits'] else 'does not fit'}"
+                         f", {total}{comm}")
+    lines += [r["error"] for r in records if r["fits"] is False and r.get("error")]
+    lines += [f"{r['program']}: skipped, {r['skipped']}" for r in records if r.get("skipped")]
     return "\n".join(lines)
 
 
+def _programs(config) -> list[str]:
+    names = [str(p) for p in config.compile.programs]
+    unknown = sorted(set(names) - set(PROGRAMS))
+    if unknown:
+        raise ConfigError(f"config.compile.programs has {unknown}; choose from {sorted(PROGRAMS)}")
+    return names
+
+
+def _skip_reason(name: str, config) -> str | None:
+    if name == "vae_encode" and str(config.data.source) != "latents":
+        return "the model trains on pixels (data.source is not 'latents'): no VAE"
+    if name == "vae_encode" and vae_config_path(config) is None:
+        return ("no VAE architecture: set vae.checkpoint or config.compile.vae_config (a diffusers "
+                "AutoencoderKL config.json, e.g. configs/vae/sd-vae-ft-ema.json)")
+    return None
+
+
 def compile_job(config, workdir: str, devices=None) -> tuple[list[dict], str]:
-    """Compiles the train step for config.compile.topology; writes WORKDIR/compile.json and
-    returns (records, the printed report)."""
+    """Compiles config.compile.programs for config.compile.topology; writes WORKDIR/compile.json
+    (one record per program) and returns (records, the printed report)."""
     from fvdm_jax.runtime import files
 
     section = config.get("compile") or {}
     target = parse_topology(section.get("topology", ""), int(section.get("num_slices", 1)))
+    programs = _programs(config)
     devices = target_devices(target) if devices is None else devices
-    records = [compile_train_step(config, target, devices)]
+    config = for_target(config, target.platform)
+    where = f"{target.name} ({devices[0].device_kind})"
+    base = {"topology": target.name, "topology_name": target.topology,
+            "num_slices": target.num_slices, "chips": target.chips,
+            "device_kind": devices[0].device_kind, "hbm_gib_per_chip": target.hbm_gib}
+    records = []
+    with _no_persistent_cache():
+        _compile_programs(config, programs, devices, target, where, base, records)
     path = files.write_json(files.join(files.resolve(workdir), "compile.json"), records,
                             sort_keys=False)
     return records, report(records) + f"\nwritten to {path}"
+
+
+@contextlib.contextmanager
+def _no_persistent_cache():
+    """Executables for compile-only devices cannot be loaded back from jax's persistent cache
+    (no TPU client): do not write them there."""
+    import jax
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def _compile_programs(config, programs, devices, target, where, base, records):
+    for name in programs:
+        reason = _skip_reason(name, config)
+        if reason:
+            records.append(dict(base, program=name, fits=None, skipped=reason))
+            continue
+        record = PROGRAMS[name](config, devices, target.hbm_gib, where)
+        records.append({**base, "program": name, **record})
+        if name == "train_step":  # the other programs run on the layout chosen for training
+            layout = record["layout"]
+            config = config.copy_and_resolve_references()
+            config.mesh.shape = tuple(layout["mesh_shape"])
+            config.model.scan_layers = bool(layout["scan_layers"])

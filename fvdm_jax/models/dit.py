@@ -133,7 +133,7 @@ class SpatialTemporalPair(nn.Module):
         return constrain(x, TOKEN_AXES), None
 
 
-def _remat_policy(name: str):
+def remat_policy(name: str):
     return {
         "full": None,
         "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -268,7 +268,7 @@ class DiT(nn.Module):
         pair = SpatialTemporalPair
         remat = resolve_remat(self.remat)
         if remat != "none":
-            pair = nn.remat(pair, policy=_remat_policy(remat), prevent_cse=False)
+            pair = nn.remat(pair, policy=remat_policy(remat), prevent_cse=False)
         num_pairs = self.depth // 2
         blocks = nn.scan(
             pair,

@@ -160,9 +160,12 @@ class VideoSampler:
         self.params = None if params is None else self.place_params(params)
 
     @classmethod
-    def from_config(cls, config, params=None, *, mesh=None, model_config=None, diffusion_config=None):
+    def from_config(cls, config, params=None, *, mesh=None, devices=None, model_config=None,
+                    diffusion_config=None):
         """From a full config (model, diffusion, sample, vae, mesh, data); model / diffusion may be
-        overridden, e.g. by the sections an inference checkpoint was saved with."""
+        overridden, e.g. by the sections an inference checkpoint was saved with. The mesh is
+        config.mesh over `devices` (default jax.devices(); e.g. a TPU slice's compile-only
+        devices, then `lower` gives the program to compile) unless `mesh` is given."""
         model_config = dict(model_config or config.model)
         validate_sample_config(config.sample, model_config)
         vae = config.get("vae") or {}
@@ -171,7 +174,7 @@ class VideoSampler:
                 "the model samples VAE latents (data.source='latents'); set vae.checkpoint to "
                 "the diffusers AutoencoderKL folder that decodes them"
             )
-        mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
+        mesh = mesh if mesh is not None else shd.make_mesh(config.mesh, devices)
         ptss = config.get("ptss") or {}
         # How often training showed frames at different levels together: p for the PTSS
         # schemes, always for independent / FoPP timesteps.
@@ -291,6 +294,43 @@ class VideoSampler:
                 rng,
                 cond,
                 (params, self._batch_sharded(labels)),
+            )
+
+    def padded(self, batch: int) -> int:
+        """The batch a run of `batch` videos computes: a multiple of the mesh's batch split."""
+        return math.ceil(int(batch) / self.divisor) * self.divisor
+
+    def lower(self, task: str = "generate", batch: int = 1):
+        """The scan program of one window of `task` (no input clips) for `batch` videos, lowered
+        on abstract parameters, noise and labels with their shardings: nothing is allocated
+        (--mode=compile compiles it for a TPU slice)."""
+        spec = tasks.get_task(task)
+        if spec.build is None or spec.needs_inputs:
+            raise ConfigError(f"task {task!r} needs input clips or several windows; lower "
+                              f"'generate' or another single-window task without inputs")
+        padded = self.padded(batch)
+        taus, nxt, cond, _ = spec.build(self._window_request(padded, None))
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+        def abstract(shape, dtype, axis=0):
+            spec_ = [None] * len(shape)
+            spec_[axis] = shd.batch_sharding(self.mesh, self.rules, 1).spec[0]
+            sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec_))
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        params = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state(self.model, self.mesh, self.rules)[0].params, self.param_shardings)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        shape = (padded, self.num_frames, self.input_size, self.input_size, self.channels)
+        with shd.activation_context(self.mesh, self.rules):
+            return self._sample_fn.lower(
+                abstract(shape, jnp.float32),
+                abstract(np.shape(taus), jnp.float32, 1),
+                abstract(np.shape(nxt), jnp.float32, 1),
+                jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
+                cond,
+                (params, abstract((padded,), jnp.int32)),
             )
 
     def _log_unguided(self, spec: tasks.Task, has_inputs: bool):

@@ -266,7 +266,7 @@ def _merge(source, count: int, spec, fresh):
 def state_from_pretrained(setup, config) -> tuple[TrainState, InitReport]:
     """The first train state of a fine-tuning run from config.train.init_from, and its report.
 
-    setup: train.build_setup(config). The state has setup.state_shardings; its params are the
+    setup: training.setup.build_setup(config). The state has setup.state_shardings; its params are the
     loaded weights (cast to model.param_dtype) where they fit, else the creation values."""
     train_cfg = config.train
     pretrained = read_pretrained(str(train_cfg.init_from), config, setup.mesh, setup.rules)

@@ -20,18 +20,14 @@ import numpy as np
 
 from fvdm_jax.checkpoint.manager import TrainCheckpointer
 from fvdm_jax.checkpoint.recipe import check_resume
-from fvdm_jax.diffusion.schedule import Schedule
-from fvdm_jax.errors import ConfigError
-from fvdm_jax.models.dit import DiT, model_from_config
 from fvdm_jax.runtime import console
-from fvdm_jax.runtime import sharding as shd
-from fvdm_jax.training import flops
+from fvdm_jax.training import fit, flops
 from fvdm_jax.training.preemption import PeerWatch, Preemption, StopAgreement
 from fvdm_jax.training.prefetch import DevicePrefetcher
-from fvdm_jax.training.state import TrainState, abstract_state, init_state
+from fvdm_jax.training.setup import Setup, build_setup
+from fvdm_jax.training.state import TrainState, init_state
 from fvdm_jax.training.step import (
     JittedTrainStep,
-    make_optimizer,
 )
 
 
@@ -65,45 +61,6 @@ class TrainResult:
     compilations: int  # how many times the train step was traced (1 for a healthy run)
     first_step_sec: float | None  # wall time of the run's first step: mostly compilation
     exit_code: int = 0  # for the process: 0 finished, EXIT_SIGTERM / EXIT_SIGINT preempted (same on all)
-
-
-@dataclasses.dataclass
-class Setup:
-    """Everything derived from the config before any array is allocated."""
-
-    model: DiT
-    schedule: Schedule
-    optimizer: Any
-    mesh: jax.sharding.Mesh
-    rules: tuple
-    state_shardings: Any
-    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
-    batch_shardings: dict
-
-
-def build_setup(config, devices=None) -> Setup:
-    model = model_from_config(config.model)
-    schedule = Schedule.from_config(config.diffusion)
-    optimizer = make_optimizer(config.train)
-    mesh = shd.make_mesh(config.mesh, devices)
-    rules = shd.rules_from_config(config.mesh)
-    batch_size = int(config.train.batch_size)
-    divisor = shd.batch_divisor(mesh, rules)
-    micro = batch_size // int(config.train.grad_accum_steps)
-    if micro % divisor or batch_size % jax.process_count():
-        raise ConfigError(
-            f"train.batch_size={batch_size} (micro-batch {micro}) must be divisible by the "
-            f"data x fsdp mesh size {divisor} and by the {jax.process_count()} processes; change "
-            f"train.batch_size or config.mesh.shape"
-        )
-    abstract, state_shardings = abstract_state(
-        model, mesh, rules, optimizer, strict=shd.strict_from_config(config.mesh),
-        seed=int(config.train.seed))
-    batch_shardings = {
-        "video": shd.batch_sharding(mesh, rules, 5),
-        "label": shd.batch_sharding(mesh, rules, 1),
-    }
-    return Setup(model, schedule, optimizer, mesh, rules, state_shardings, abstract, batch_shardings)
 
 
 def create_state(setup: Setup, seed: int) -> TrainState:
@@ -163,6 +120,8 @@ def _train(config, workdir: str, preemption: Preemption, *, devices, actions, st
     from fvdm_jax.data.pipeline import host_batches, make_source
     from fvdm_jax.runtime.metrics import MetricsLogger, write_plots
 
+    # config.mesh.fit: the layout (mesh, remat, micro-batches) whose step fits the devices.
+    config, layout = fit.resolve(config, devices)
     setup = build_setup(config, devices)
     train_cfg = config.train
     num_steps, batch_size = int(train_cfg.num_steps), int(train_cfg.batch_size)
@@ -226,7 +185,8 @@ def _train(config, workdir: str, preemption: Preemption, *, devices, actions, st
     num_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(setup.abstract_state.params))
     console.banner("fvdm_jax train", console.training_rows(
         config, model=setup.model, num_params=num_params, flops_per_step=(flops_per_video or 0.0) * batch_size,
-        mesh=setup.mesh, source=source, workdir=workdir, start=start, resumed=latest is not None))
+        mesh=setup.mesh, source=source, workdir=workdir, start=start, resumed=latest is not None)
+        + ([("layout", layout)] if layout else []))
     last_saved = latest
     pending = []
     first_step_sec = None

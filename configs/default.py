@@ -69,6 +69,11 @@ def get_config() -> config_dict.ConfigDict:
     data.num_workers = 0  # grain worker processes per host (0 = read in the main process)
     data.cache_path = config_dict.placeholder(str)  # the latent cache (None = WORKDIR/latents)
     data.cache_videos_per_shard = 64  # videos per ArrayRecord shard (the unit of resumption)
+    # data.source=text_latents (per-clip VAE latents + text-encoder contexts, DiffSynth / Pusa .pth
+    # or .npz; fvdm_jax/data/text_latents.py): the text tokens per clip, zero-padded (None = the
+    # longest prompt of the set; Wan pads to 512) and the cache's storage dtype.
+    data.text_length = config_dict.placeholder(int)
+    data.cache_dtype = "float32"  # float32 / float16 / bfloat16
     data.device_prefetch = 2  # global batches put on the devices ahead of the step (0 = off)
     # The demo source only: which shipped clips, the smallest random crop (a fraction of the
     # short side), every clip equally likely (else every window), and the last frames of every

@@ -329,3 +329,17 @@ def test_gpu_train_step_compiles_without_a_gpu(tmp_path):
     (big,), text = compile_job.compile_job(tiny("h100-1", hidden_size=16384), str(tmp_path))
     assert big["fits"] is False and big["need_gib"] > 59.3
     assert big["error"].startswith("train_step does not fit on h100-1") and big["error"] in text
+
+
+@pytest.mark.slow
+def test_train_throughput_compiles_for_a_slice():
+    """bench/train_throughput.py --compile_only --topology: the memory plan of the step for the
+    slice's chips, not for this machine."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run(
+        [sys.executable, "bench/train_throughput.py", "--config=configs/tiny.py", "--compile_only",
+         "--topology=v5e-4"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    assert record["device_kind"] == "TPU v5 lite" and record["devices"] == 4
+    assert record["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and record["model"]["remat"] == "none"

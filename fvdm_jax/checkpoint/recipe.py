@@ -19,7 +19,7 @@ from fvdm_jax.errors import ConfigError
 RECIPE_SECTIONS = ("model", "diffusion", "ptss", "data", "train")
 # Keys of the recipe sections that do not change what is trained: free to change on resume.
 OPERATIONAL_KEYS = {
-    "model": {"dtype", "attention", "remat"},  # compute precision and kernels, not the weights
+    "model": {"dtype", "attention", "remat", "scan_layers"},  # precision, kernels, layout: not the weights
     "data": {"num_workers", "device_prefetch", "path", "cache_path", "tfds_data_dir"},  # how / where it is read
     "train": {"num_steps", "log_every_steps", "peak_flops_per_device", "donate_state",
               "grad_accum_steps", "allow_recipe_change",  # accumulation keeps the maths

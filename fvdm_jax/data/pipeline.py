@@ -138,9 +138,36 @@ def _video_folder(data, model, vae, workdir, num_classes):
     return built
 
 
+def _text_latents(data, model, vae, workdir, num_classes):
+    """Per-clip VAE latents + text-encoder contexts (DiffSynth/Pusa .pth, or .npz) in data.path,
+    cached in data.cache_path (default WORKDIR/text_latents); process 0 builds or refreshes the
+    cache (a no-op when it is current) while the others wait for it."""
+    from fvdm_jax.data import text_latents
+
+    cache = data.get("cache_path") or (workdir and os.path.join(workdir, "text_latents"))
+    if not cache:
+        raise ConfigError("data.source='text_latents' needs data.cache_path (or a workdir)")
+    if data.get("path"):
+        import jax
+
+        if jax.process_index() == 0:
+            text_latents.build_text_latent_cache(
+                data.get("path"), cache, text_length=data.get("text_length"),
+                dtype=data.get("cache_dtype") or "float32",
+                clips_per_shard=int(data.get("cache_videos_per_shard") or 64))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("fvdm_jax_text_latents_cache")
+    built = text_latents.TextLatentSource(cache, num_frames=model.get("num_frames"),
+                                          seed=_required(data, "seed", "data"))
+    text_latents.check_model(built, model, num_classes)
+    return built
+
+
 # data.source -> builder(data, model, vae, workdir, num_classes); the names are data.SOURCES.
 BUILDERS = {"synthetic": _synthetic, "video_folder": _video_folder, "latents": _latents,
-            "demo": _demo, "tfds": _tfds}
+            "demo": _demo, "tfds": _tfds, "text_latents": _text_latents}
 
 
 def make_source(
@@ -159,8 +186,12 @@ def make_source(
         --mode=encode writes it), frame_interval, seed. 'tfds': tfds_name, tfds_data_dir,
         tfds_split (else split), tfds_video_key, tfds_label_key, dataset, class_ids,
         frame_interval, image_size, seed (pixels in [-1, 1], the clip rules of video_folder).
+        'text_latents': path (the per-clip .pth / .npz files), cache_path (default
+        WORKDIR/text_latents), text_length, cache_dtype, cache_videos_per_shard, seed; its
+        examples also hold 'context' float32 (L, D) and 'context_mask' bool (L,).
       model_config: the `model` section; the source makes videos of the model's input shape:
-        num_frames (F), input_size (H = W), in_channels (C), num_classes (0 = unconditional).
+        num_frames (F), input_size (H = W), in_channels (C), num_classes (0 = unconditional);
+        'text_latents' checks in_channels, patch_size, input_size and text_dim when set.
       vae_config: the `vae` section ('latents' reads vae.sample_posterior).
       workdir: the run directory (the default location of the latent cache).
 
@@ -370,7 +401,8 @@ def host_batches(
     """This host's part of global batches start_step, start_step + 1, ... forever.
 
     Args:
-      source: random-access source (`len`, `[i]`) of `{'video': (F, H, W, C), 'label': ()}`.
+      source: random-access source (`len`, `[i]`) of `{'video': (F, H, W, C), 'label': ()}`;
+        any further keys (text_latents: 'context', 'context_mask') are batched the same way.
       global_batch_size: B, examples per step over all hosts; divisible by process_count.
       seed: shuffle seed of the global example stream (the same on every host).
       start_step: the first global batch to yield (e.g. the restored train step).

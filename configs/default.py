@@ -9,8 +9,12 @@ from ml_collections import config_dict
 def get_config() -> config_dict.ConfigDict:
     config = config_dict.ConfigDict()
 
-    # The video DiT (Latte backbone with per-frame adaLN-Zero timesteps).
+    # The network. 'dit': the video DiT (Latte backbone with per-frame adaLN-Zero timesteps), the
+    # keys below; 'wan': the Wan 2.1 text-to-video DiT (model.wan below; with diffusion.process=
+    # flow, data.source=text_latents). Shared by both: num_frames, in_channels, dtype, param_dtype,
+    # attention, scan_layers, remat.
     config.model = model = config_dict.ConfigDict()
+    model.architecture = "dit"  # dit / wan
     model.size = "XL"  # S / B / L / XL (dims below from the table), or 'custom' (set them).
     model.hidden_size = config_dict.placeholder(int)  # only with size='custom'
     model.depth = config_dict.placeholder(int)  # spatial + temporal blocks; only with 'custom'
@@ -28,6 +32,22 @@ def get_config() -> config_dict.ConfigDict:
     model.attention = "xla"  # xla / cudnn / auto (cudnn on GPU for bf16)
     model.scan_layers = True  # run the stacked blocks with nn.scan (False unrolls the scan)
     model.remat = "auto"  # auto (dots on CPU, none on GPU/TPU) / none / full / dots / dots_no_batch
+    # Wan 2.1 only (model.architecture='wan'; fvdm_jax/models/wan.py): size 1.3B / 14B fixes dim,
+    # ffn_dim, num_heads and num_layers; 'custom' takes them from here.
+    model.wan = wan = config_dict.ConfigDict()
+    wan.size = "1.3B"  # 1.3B / 14B / custom
+    wan.dim = config_dict.placeholder(int)  # only with size='custom'
+    wan.ffn_dim = config_dict.placeholder(int)  # only with size='custom'
+    wan.num_heads = config_dict.placeholder(int)  # only with size='custom'
+    wan.num_layers = config_dict.placeholder(int)  # only with size='custom'
+    wan.freq_dim = 256  # sinusoidal time-embedding width
+    wan.text_dim = 4096  # text-encoder width (UMT5-XXL)
+    wan.out_channels = config_dict.placeholder(int)  # None = model.in_channels
+    wan.patch_size = (1, 2, 2)  # (t, h, w); t must be 1 (per-frame timesteps)
+    wan.eps = 1e-6
+    wan.qk_norm = True  # RMSNorm of q and k across heads
+    wan.cross_attn_norm = True  # affine LayerNorm before the cross-attention
+    wan.rope_max_seq_len = 1024  # the longest token-grid axis 3-D RoPE accepts
 
     # The discrete diffusion process (its VP-SDE view: beta from 0.1 to 20 on [0, 1]).
     config.diffusion = diffusion = config_dict.ConfigDict()
@@ -36,6 +56,10 @@ def get_config() -> config_dict.ConfigDict:
     diffusion.beta_start = 1e-4  # linear only; scaled by 1000/T as the official schedule
     diffusion.beta_end = 0.02
     diffusion.prediction = "eps"  # eps (official) / v: what the model's output channels predict
+    # vp: the discrete DDPM process above (the DiT); flow: rectified flow with per-frame levels
+    # (fvdm_jax/diffusion/flow.py; model.architecture='wan'), which reads num_timesteps and shift.
+    diffusion.process = "vp"  # vp / flow
+    diffusion.shift = 5.0  # flow only: the timestep shift k s / (1 + (k - 1) s) of Wan 2.1
 
     # Training timesteps (fvdm_jax/diffusion/schemes.py). PTSS: with probability p the frames of a
     # video get independent timesteps, else one shared timestep.
@@ -120,6 +144,9 @@ def get_config() -> config_dict.ConfigDict:
     train.donate_state = True  # donate the train state's buffers to the step (updates in place)
     train.log_every_steps = 100
     train.peak_flops_per_device = config_dict.placeholder(float)  # for MFU; None = by device kind
+    # Wan (text-conditioned) only: each video's text context is replaced by zeros with this
+    # probability (classifier-free guidance training; 0 = off).
+    train.text_dropout_prob = 0.0
     train.allow_recipe_change = False  # resume a checkpoint with other model/diffusion/ptss/data/train keys
     # Fine-tuning (docs/training.md): the first state's weights from an inference checkpoint, a
     # training workdir (its newest good EMA) or an official .pt / .safetensors / .npz state_dict;

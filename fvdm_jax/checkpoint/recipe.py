@@ -36,14 +36,27 @@ def _plain(value):
     return value
 
 
+def _is_section(value) -> bool:
+    """A Mapping or a (nested) ConfigDict, which is not a Mapping."""
+    return not isinstance(value, (str, bytes)) and hasattr(value, "keys") and hasattr(value, "__getitem__")
+
+
 def recipe(config: Mapping[str, Any]) -> dict[str, Any]:
-    """{'section.key': value} of the recipe keys of a config (a ConfigDict or its saved dict)."""
+    """{'section.key': value} of the recipe keys of a config (a ConfigDict or its saved dict);
+    a sub-section's keys are 'section.sub.key' (model.wan.dim)."""
     flat = {}
-    for section in RECIPE_SECTIONS:
-        values = config.get(section) or {}
+
+    def add(prefix, values, skip):
         for key in values.keys():
-            if key not in OPERATIONAL_KEYS.get(section, ()):
-                flat[f"{section}.{key}"] = _plain(values[key])
+            if key in skip:
+                continue
+            if _is_section(values[key]):
+                add(f"{prefix}{key}.", values[key], ())
+            else:
+                flat[f"{prefix}{key}"] = _plain(values[key])
+
+    for section in RECIPE_SECTIONS:
+        add(f"{section}.", config.get(section) or {}, OPERATIONAL_KEYS.get(section, ()))
     return flat
 
 

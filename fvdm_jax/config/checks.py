@@ -9,10 +9,10 @@ This layer imports the engine (its registries and validators); the engine never 
 from __future__ import annotations
 
 from fvdm_jax.config.schema import validate
-from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.errors import ConfigError
-from fvdm_jax.models.dit import model_from_config
+from fvdm_jax.models.build import architecture_of, model_from_config
 from fvdm_jax.sampling.sampler import validate_sample_config
+from fvdm_jax.training.setup import schedule_from_config
 from fvdm_jax.training.step import validate_train_config
 
 MODES = ("train", "export", "encode", "sample", "eval", "compile")
@@ -25,7 +25,8 @@ def check(config, mode: str = "train", *, near: str | None = None) -> None:
     validate(config, near=near)
     try:
         model_from_config(config.model)
-        Schedule.from_config(config.diffusion)
+        schedule_from_config(config.diffusion)
+        _check_wan(config, mode)
         if mode in ("train", "compile"):
             validate_train_config(config.train, config.ptss)
         if mode in ("train", "sample", "eval"):
@@ -34,3 +35,33 @@ def check(config, mode: str = "train", *, near: str | None = None) -> None:
         raise
     except ValueError as error:  # the engine's own argument checks
         raise ConfigError(str(error)) from None
+
+
+def _check_wan(config, mode: str) -> None:
+    """A Wan model trains with rectified flow on text latents, through the training loop only:
+    periodic samples / FVD, the verdict, fine-tuning (init_from), mesh.fit and the other modes
+    are the DiT's."""
+    wan = architecture_of(config.model) == "wan"
+    process = config.diffusion.get("process") or "vp"
+    if wan != (process == "flow"):
+        fix = "diffusion.process=flow" if wan else "model.architecture=wan"
+        raise ConfigError(f"model.architecture={config.model.get('architecture') or 'dit'!r} with "
+                          f"diffusion.process={process!r}: the DiT trains with the VP process and "
+                          f"Wan with rectified flow; set {fix}")
+    if not wan:
+        return
+    if mode != "train":
+        raise ConfigError(f"--mode={mode} is DiT-only for now; a Wan config runs --mode=train "
+                          f"(sample a Wan model with fvdm_jax.sampling.wan_sampler.WanSampler)")
+    if config.data.get("source") != "text_latents":
+        raise ConfigError(f"model.architecture='wan' trains on text contexts: set "
+                          f"data.source=text_latents (not {config.data.get('source')!r})")
+    during = {"sample.every_steps": config.sample.get("every_steps"),
+              "eval.every_steps": config.eval.get("every_steps"),
+              "eval.after_training": tuple(config.eval.get("after_training") or ()),
+              "train.init_from": config.train.get("init_from"),
+              "mesh.fit": bool(config.mesh.get("fit", False))}
+    used = [f"{key}={value!r}" for key, value in during.items() if value]
+    if used:
+        raise ConfigError(f"{', '.join(used)}: periodic samples / FVD, the verdict, init_from and "
+                          f"mesh.fit are DiT-only; a Wan config sets them off (0, (), None, False)")

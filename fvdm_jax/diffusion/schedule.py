@@ -26,6 +26,8 @@ BETA_SCHEDULES = ("linear", "cosine")
 # target), 'v' = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho), whose x_0 error is
 # not amplified by 1 / sqrt(alpha_bar) at high noise. Losses and samplers convert to eps.
 PREDICTIONS = ("eps", "v")
+# Keys of a `diffusion` config section that are not the VP schedule's (Schedule.from_config skips them).
+OTHER_PROCESS_KEYS = ("process", "shift")
 
 
 def make_betas(
@@ -84,13 +86,16 @@ class Schedule:
 
     @classmethod
     def from_config(cls, diffusion_config: Mapping[str, Any]) -> Schedule:
+        """The schedule of a `diffusion` section; its `process` and `shift` keys (which process
+        runs, the flow's shift: fvdm_jax/diffusion/flow.py) are not the schedule's and are skipped."""
         known = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(diffusion_config.keys()) - known)
+        given = [k for k in diffusion_config.keys() if k not in OTHER_PROCESS_KEYS]
+        unknown = sorted(set(given) - known)
         if unknown:
             raise ValueError(
                 f"unknown diffusion config keys {unknown}; known keys: {sorted(known)}"
             )
-        return cls(**{k: diffusion_config[k] for k in diffusion_config.keys()})
+        return cls(**{k: diffusion_config[k] for k in given})
 
     def to_config(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}

@@ -76,6 +76,13 @@ class Target:
         return "gpu" if self.generation in GPUS else "tpu"
 
     @property
+    def compiler_options(self) -> dict | None:
+        """XLA options of this target's compiles: GPUs without a GPU use cuBLAS for the matmuls
+        (this XLA's device-less Triton GEMM tiling fails on the XL step: "Couldn't find output
+        tile sizes"); the memory plan is otherwise the same program's."""
+        return {"xla_gpu_enable_triton_gemm": False} if self.platform == "gpu" else None
+
+    @property
     def chips(self) -> int:
         return math.prod(self.shape) * self.num_slices
 
@@ -232,25 +239,26 @@ def _model_summary(config) -> dict:
                                          "remat", "attention", "scan_layers")}
 
 
-def train_step_record(config, devices, hbm_gib: float, where: str) -> dict:
+def train_step_record(config, devices, hbm_gib: float, where: str, options=None) -> dict:
     """The train step as configured, or, with config.mesh.fit, the first layout that fits;
     with config.compile.fit, the cheapest that fits (training/fit.py), its search attached."""
     from fvdm_jax.training import fit
 
     search = None
     if bool(config.compile.fit):
-        best, tried = fit.search(config, devices, hbm_gib, where)
+        best, tried = fit.search(config, devices, hbm_gib, where, options)
         search = [_trial(r) for r in tried]
         record = best or min(tried, key=lambda r: r.get("need_gib", math.inf))
         how = "cheapest that fits (compile.fit)" if best else "none fits (compile.fit)"
     elif bool(config.mesh.get("fit", False)):
-        layout, tried = fit.first_fit(config, devices, hbm_gib, where)
+        layout, tried = fit.first_fit(config, devices, hbm_gib, where, options)
         search = [_trial(r) for r in tried]
         record = tried[-1]
         how = ("configured, fits" if layout == fit.configured(config, devices)
                else f"first fit (mesh.fit), {len(tried)} compiled")
     else:
-        record = fit.measure_layout(config, fit.configured(config, devices), devices, hbm_gib, where)
+        record = fit.measure_layout(config, fit.configured(config, devices), devices, hbm_gib,
+                                    where, options)
         how = "configured"
     layout = fit.Layout(**dict(record["layout"], mesh_shape=tuple(record["layout"]["mesh_shape"])))
     chosen = layout.apply(config)
@@ -270,7 +278,7 @@ def _trial(record: dict) -> dict:
             "collective_bytes": collective_bytes(record), "compile_s": record["compile_s"]}
 
 
-def sample_record(config, devices, hbm_gib: float, where: str) -> dict:
+def sample_record(config, devices, hbm_gib: float, where: str, options=None) -> dict:
     """The sampler's scan (config.sample: sampler, steps, guidance) of one batch of the
     'generate' task, sample.batch_size videos, on abstract EMA weights."""
     from fvdm_jax.runtime import sharding as shd
@@ -282,7 +290,7 @@ def sample_record(config, devices, hbm_gib: float, where: str) -> dict:
                            rules=shd.rules_from_config(config.mesh))
     batch = int(config.sample.batch_size)
     lowered = sampler.lower("generate", batch)
-    record, _ = measure(lowered, "sample", where, hbm_gib)
+    record, _ = measure(lowered, "sample", where, hbm_gib, options)
     return dict(record, program="sample", mesh=dict(mesh.shape), task="generate",
                 sampler=str(config.sample.sampler), num_steps=int(config.sample.num_steps),
                 batch_size=batch, padded_batch=sampler.padded(batch))
@@ -309,7 +317,7 @@ def vae_config_path(config) -> str | None:
     return path or None
 
 
-def vae_encode_record(config, devices, hbm_gib: float, where: str) -> dict:
+def vae_encode_record(config, devices, hbm_gib: float, where: str, options=None) -> dict:
     """One --mode=encode call: vae.encode_batch_size frames per chip, encoded by the VAE of
     `vae_config_path` (posterior mean and log-variance), the frames sharded over all chips."""
     import jax
@@ -339,12 +347,12 @@ def vae_encode_record(config, devices, hbm_gib: float, where: str) -> dict:
     params = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), params)
     encode = jax.jit(lambda p, x: vae.apply(p, x, method=AutoencoderKL.encode))
-    record, _ = measure(encode.lower(params, images), "vae_encode", where, hbm_gib)
+    record, _ = measure(encode.lower(params, images), "vae_encode", where, hbm_gib, options)
     return dict(record, program="vae_encode", mesh={"batch": len(devices)}, vae_config=path,
                 frames=frames, image_size=size, dtype=str(config.vae.dtype))
 
 
-def fvd_features_record(config, devices, hbm_gib: float, where: str) -> dict:
+def fvd_features_record(config, devices, hbm_gib: float, where: str, options=None) -> dict:
     """One batch of the FVD detector (the JAX I3D, logits) on eval.batch_size generated videos
     of the model's frames at its pixel resolution, sharded as in evaluation."""
     from fvdm_jax.evaluation.fvd import lower_i3d
@@ -357,7 +365,7 @@ def fvd_features_record(config, devices, hbm_gib: float, where: str) -> dict:
     size = int(config.model.input_size) * factor
     frames, batch = int(config.model.num_frames), int(config.eval.batch_size)
     lowered = lower_i3d(mesh, rules, batch, frames, size)
-    record, _ = measure(lowered, "fvd_features", where, hbm_gib)
+    record, _ = measure(lowered, "fvd_features", where, hbm_gib, options)
     return dict(record, program="fvd_features", mesh=dict(mesh.shape), batch_size=batch,
                 video_shape=[frames, size, size, 3])
 
@@ -463,7 +471,7 @@ def _compile_programs(config, programs, devices, target, where, base, records):
         if reason:
             records.append(dict(base, program=name, fits=None, skipped=reason))
             continue
-        record = PROGRAMS[name](config, devices, target.hbm_gib, where)
+        record = PROGRAMS[name](config, devices, target.hbm_gib, where, target.compiler_options)
         records.append({**base, "program": name, **record})
         if name == "train_step":  # the other programs run on the layout chosen for training
             layout = record["layout"]

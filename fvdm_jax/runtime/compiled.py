@@ -124,14 +124,16 @@ def out_of_memory(message: str) -> tuple[float, float] | None:
     return None
 
 
-def measure(lowered, program: str, where: str, hbm_gib: float | None) -> tuple[dict, object]:
+def measure(lowered, program: str, where: str, hbm_gib: float | None,
+            compiler_options: dict | None = None) -> tuple[dict, object]:
     """Compiles `lowered`; returns (record, compiled or None). The record: compile_s, fits and,
     when it compiled, memory_gib / memory_bytes / collectives; when it does not fit, need_gib,
     short_by_gib and `error`, one line naming the program, `where` (e.g. 'v5e-16 (TPU v5
-    lite)'), the need and the memory. hbm_gib None (a CPU: no device memory to exceed) fits."""
+    lite)'), the need and the memory. hbm_gib None (a CPU: no device memory to exceed) fits.
+    compiler_options: XLA options for this compile (e.g. GPU targets without a GPU)."""
     started = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
     except Exception as error:  # noqa: BLE001 - only XLA's out-of-memory is a result
         sizes = out_of_memory(str(error))
         if sizes is None:

@@ -421,13 +421,23 @@ def training_rows(config, *, model, num_params: int, flops_per_step: float | Non
     import jax
 
     m, t = config.model, config.train
-    name = "custom" if str(m.size) == "custom" else f"{m.size}/{m.patch_size}"
-    classes = f"{m.num_classes} classes" if int(m.num_classes or 0) else "unconditional"
-    model = (f"{name}: hidden {model.hidden_size}, depth {model.depth}, {model.num_heads} heads, "
-             f"patch {m.patch_size}; input {m.num_frames}x{m.input_size}x{m.input_size}x{m.in_channels} "
-             f"(frames x H x W x C), {classes}; {si(num_params)} parameters ({num_params:,})")
     batch = int(t.batch_size)
-    compute = f"{si(flops_per_step, ' FLOP')} per step ({batch} videos, analytic forward + backward)"
+    if (m.get("architecture") or "dit") == "wan":
+        patch = "x".join(str(p) for p in model.patch_size)
+        model = (f"Wan {m.wan.size}: dim {model.dim}, ffn {model.ffn_dim}, {model.num_layers} layers, "
+                 f"{model.num_heads} heads, patch {patch}, text {model.text_dim}; {m.num_frames} latent "
+                 f"frames x {model.in_channels} channels, rectified flow (shift "
+                 f"{float(config.diffusion.get('shift', 5.0)):g}); {si(num_params)} parameters ({num_params:,})")
+    else:
+        name = "custom" if str(m.size) == "custom" else f"{m.size}/{m.patch_size}"
+        classes = f"{m.num_classes} classes" if int(m.num_classes or 0) else "unconditional"
+        model = (f"{name}: hidden {model.hidden_size}, depth {model.depth}, {model.num_heads} heads, "
+                 f"patch {m.patch_size}; input {m.num_frames}x{m.input_size}x{m.input_size}x{m.in_channels} "
+                 f"(frames x H x W x C), {classes}; {si(num_params)} parameters ({num_params:,})")
+    if flops_per_step is None:
+        compute = f"FLOPs not counted for this model ({batch} videos per step; no MFU)"
+    else:
+        compute = f"{si(flops_per_step, ' FLOP')} per step ({batch} videos, analytic forward + backward)"
     axes = " x ".join(f"{name} {size}" for name, size in dict(mesh.shape).items())
     device = jax.devices()[0].device_kind
     processes = jax.process_count()

@@ -9,8 +9,8 @@ nothing:
 
 - `first_fit` (config.mesh.fit, at the start of training and in --mode=compile): the configured
   layout if it fits, else the first that does in the order of `levels`: fewer micro-batches first,
-  then less recomputation (remat none, dots, dots_no_batch, full), scanned layers before unrolled,
-  then meshes with the least sharding (data before fsdp before tensor). On a CPU (no device memory to exceed) nothing is
+  then less recomputation (remat none, dots, dots_no_batch, full), then meshes with the least
+  sharding (data before fsdp before tensor); unrolled layers last. On a CPU (no device memory to exceed) nothing is
   compiled: the configured layout if the batch divides over it, else the first mesh that does
   (with the configured remat and micro-batches).
 - `search` (config.compile.fit, --mode=compile): breadth-first over the same levels; every mesh of
@@ -35,6 +35,7 @@ from fvdm_jax.runtime import sharding as shd
 # In order of recomputation in the backward pass (models/dit.py's policies).
 RECOMPUTE = ("none", "dots", "dots_no_batch", "full")
 GRAD_ACCUM = (1, 2, 4, 8)
+UNROLLED_RECOMPUTE = ("none", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,22 +120,20 @@ def meshes(num_devices: int, micro_batch: int, tensor_divisor: int) -> list[tupl
 
 
 def levels(config, num_devices: int) -> list[list[Layout]]:
-    """The layouts to try, in levels: (micro-batches, remat, scanned layers) in order of cost,
-    each level the meshes of `meshes` in order. Unrolled layers come after scanned ones at the same
-    remat (they keep fewer temporaries but compile slower). Only 3-axis meshes (data, fsdp,
-    tensor) are searched."""
+    """The layouts to try, in levels: with scanned layers (micro-batches, then remat, in order of
+    cost), then unrolled layers without micro-batches and with little remat (they can keep fewer
+    temporaries than the scan but compile several times slower, so they come last); each level
+    the meshes of `meshes` in order. Only 3-axis meshes (data, fsdp, tensor) are searched."""
     if len(tuple(config.mesh.axes)) != 3:
         raise ConfigError(f"config.mesh.fit needs the mesh axes (data, fsdp, tensor), not "
                           f"{tuple(config.mesh.axes)}; set config.mesh.fit=False")
     batch = int(config.train.batch_size)
     divisor = _tensor_divisor(config)
     out = []
-    for accum in GRAD_ACCUM:
-        if batch % accum:
-            continue
-        grid = meshes(num_devices, batch // accum, divisor)
-        for remat in RECOMPUTE:
-            for scan in (True, False):
+    for scan in (True, False):
+        for accum in GRAD_ACCUM if scan else (1,):
+            grid = meshes(num_devices, batch // accum, divisor) if batch % accum == 0 else []
+            for remat in RECOMPUTE if scan else UNROLLED_RECOMPUTE:
                 if grid:
                     out.append([Layout(mesh, remat, accum, scan) for mesh in grid])
     return out
@@ -170,17 +169,19 @@ def lower_train_step(config, devices):
     return setup, step.lower(setup.abstract_state, abstract_batch(setup, config))
 
 
-def measure_layout(config, layout: Layout, devices, hbm_gib, where: str) -> dict:
+def measure_layout(config, layout: Layout, devices, hbm_gib, where: str,
+                   compiler_options: dict | None = None) -> dict:
     """The compile record of the train step with `layout` (fits or not)."""
     setup, lowered = lower_train_step(layout.apply(config), devices)
-    record, _ = xla.measure(lowered, "train_step", where, hbm_gib)
+    record, _ = xla.measure(lowered, "train_step", where, hbm_gib, compiler_options)
     record.update(layout=dict(dataclasses.asdict(layout), mesh_shape=list(layout.mesh_shape)),
                   flags=layout.flags(),
                   mesh=dict(setup.mesh.shape))
     return record
 
 
-def first_fit(config, devices, hbm_gib: float | None, where: str) -> tuple[Layout, list[dict]]:
+def first_fit(config, devices, hbm_gib: float | None, where: str,
+              compiler_options: dict | None = None) -> tuple[Layout, list[dict]]:
     """The configured layout if it fits, else the first that does (module docstring); and the
     records of the layouts compiled on the way. ConfigError when none fits."""
     num = len(devices)
@@ -196,7 +197,7 @@ def first_fit(config, devices, hbm_gib: float | None, where: str) -> tuple[Layou
         return (same or order)[0], []
     tried = []
     for layout in order:
-        record = measure_layout(config, layout, devices, hbm_gib, where)
+        record = measure_layout(config, layout, devices, hbm_gib, where, compiler_options)
         tried.append(record)
         if record["fits"]:
             return layout, tried
@@ -207,12 +208,14 @@ def first_fit(config, devices, hbm_gib: float | None, where: str) -> tuple[Layou
                       f"model.dtype=bfloat16 or more devices")
 
 
-def search(config, devices, hbm_gib: float | None, where: str) -> tuple[dict | None, list[dict]]:
+def search(config, devices, hbm_gib: float | None, where: str,
+           compiler_options: dict | None = None) -> tuple[dict | None, list[dict]]:
     """Breadth-first over `levels`: every mesh of a level compiled; the first level with a fit
     gives the fitting record with the fewest collective bytes. Returns (best or None, all)."""
     tried = []
     for level in levels(config, len(devices)):
-        records = [measure_layout(config, layout, devices, hbm_gib, where) for layout in level]
+        records = [measure_layout(config, layout, devices, hbm_gib, where, compiler_options)
+                   for layout in level]
         tried += records
         fits = [r for r in records if r["fits"]]
         if fits:

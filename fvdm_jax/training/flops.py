@@ -157,8 +157,11 @@ def model_kwargs_from_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     return {key: getattr(model, key) for key in keys}
 
 
-def model_flops_from_config(model_config: Mapping[str, Any]) -> int:
-    """Forward FLOPs per video of the model described by a `model` config section."""
+def model_flops_from_config(model_config: Mapping[str, Any]) -> int | None:
+    """Forward FLOPs per video of the model described by a `model` config section; None for a
+    Wan model (model.architecture='wan': not counted, so no MFU)."""
+    if (model_config.get("architecture") or "dit") == "wan":
+        return None
     return dit_forward_flops(**model_kwargs_from_config(model_config))["total"]
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from fvdm_jax.checkpoint.manager import TrainCheckpointer
 from fvdm_jax.checkpoint.recipe import check_resume
+from fvdm_jax.models.build import flat_model_config
 from fvdm_jax.runtime import console
 from fvdm_jax.training import fit, flops
 from fvdm_jax.training.preemption import PeerWatch, Preemption, StopAgreement
@@ -125,7 +126,8 @@ def _train(config, workdir: str, preemption: Preemption, *, devices, actions, st
     setup = build_setup(config, devices)
     train_cfg = config.train
     num_steps, batch_size = int(train_cfg.num_steps), int(train_cfg.batch_size)
-    source = make_source(config.data, config.model, config.get("vae"), workdir=workdir)
+    # A Wan section in the flat form the data sources read (model.wan's keys at the top).
+    source = make_source(config.data, flat_model_config(config.model), config.get("vae"), workdir=workdir)
     ckpt = TrainCheckpointer(workdir, config.checkpoint)
 
     # The newest checkpoint that reads back and verifies; damaged ones are moved aside.
@@ -184,7 +186,8 @@ def _train(config, workdir: str, preemption: Preemption, *, devices, actions, st
     peak = _peak_flops(train_cfg)
     num_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(setup.abstract_state.params))
     console.banner("fvdm_jax train", console.training_rows(
-        config, model=setup.model, num_params=num_params, flops_per_step=(flops_per_video or 0.0) * batch_size,
+        config, model=setup.model, num_params=num_params,
+        flops_per_step=None if flops_per_video is None else flops_per_video * batch_size,
         mesh=setup.mesh, source=source, workdir=workdir, start=start, resumed=latest is not None)
         + ([("layout", layout)] if layout else []))
     last_saved = latest
@@ -262,8 +265,9 @@ def _config_record(config, setup: Setup) -> dict:
     return record
 
 
-def _train_flops_per_video(config) -> float:
-    return 3.0 * flops.model_flops_from_config(config.model)  # forward + backward
+def _train_flops_per_video(config) -> float | None:
+    forward = flops.model_flops_from_config(config.model)  # None: not counted for this model
+    return None if forward is None else 3.0 * forward  # forward + backward
 
 
 def _peak_flops(train_cfg) -> float | None:

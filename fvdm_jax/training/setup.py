@@ -1,16 +1,20 @@
 """Everything a train step is built from, derived from the config before any array exists: the
-model, the diffusion schedule, the optimizer, the mesh and rules, and the abstract sharded state."""
+model (the DiT, or Wan with model.architecture='wan'), the diffusion schedule (a FlowSchedule
+with diffusion.process='flow'), the optimizer, the mesh and rules, and the abstract sharded state."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
 
+from fvdm_jax.diffusion.flow import FlowSchedule
 from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.errors import ConfigError
-from fvdm_jax.models.dit import DiT, model_from_config
+from fvdm_jax.models.build import model_from_config
+from fvdm_jax.models.wan import Wan
 from fvdm_jax.runtime import sharding as shd
 from fvdm_jax.training.state import TrainState, abstract_state
 from fvdm_jax.training.step import make_optimizer
@@ -20,8 +24,8 @@ from fvdm_jax.training.step import make_optimizer
 class Setup:
     """Everything derived from the config before any array is allocated."""
 
-    model: DiT
-    schedule: Schedule
+    model: nn.Module  # DiT or Wan
+    schedule: Schedule | FlowSchedule
     optimizer: Any
     mesh: jax.sharding.Mesh
     rules: tuple
@@ -32,7 +36,7 @@ class Setup:
 
 def build_setup(config, devices=None) -> Setup:
     model = model_from_config(config.model)
-    schedule = Schedule.from_config(config.diffusion)
+    schedule = schedule_from_config(config.diffusion)
     optimizer = make_optimizer(config.train)
     mesh = shd.make_mesh(config.mesh, devices)
     rules = shd.rules_from_config(config.mesh)
@@ -52,4 +56,21 @@ def build_setup(config, devices=None) -> Setup:
         "video": shd.batch_sharding(mesh, rules, 5),
         "label": shd.batch_sharding(mesh, rules, 1),
     }
+    if isinstance(model, Wan):  # text_latents batches: the text tokens and their mask
+        batch_shardings["context"] = shd.batch_sharding(mesh, rules, 3)
+        batch_shardings["context_mask"] = shd.batch_sharding(mesh, rules, 2)
     return Setup(model, schedule, optimizer, mesh, rules, state_shardings, abstract, batch_shardings)
+
+
+PROCESSES = ("vp", "flow")
+
+
+def schedule_from_config(diffusion_config):
+    """diffusion.process 'vp' (default): the discrete `Schedule`; 'flow': the `FlowSchedule`
+    (num_timesteps, shift) of rectified flow."""
+    process = diffusion_config.get("process") or "vp"
+    if process not in PROCESSES:
+        raise ValueError(f"diffusion.process={process!r} is not one of {PROCESSES}")
+    if process == "flow":
+        return FlowSchedule.from_config(diffusion_config)
+    return Schedule.from_config(diffusion_config)

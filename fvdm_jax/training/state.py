@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fvdm_jax.models.dit import DiT, model_from_config
+from fvdm_jax.models.build import init_inputs, model_from_config
 from fvdm_jax.runtime import sharding as shd
 
 
@@ -29,13 +29,10 @@ class TrainState:
     first_nonfinite_step: jax.Array  # () int32: first step with a non-finite loss/grad, else -1
 
 
-def init_state(rng, model: DiT, optimizer, *, boxed: bool) -> TrainState:
-    """A fresh state; `boxed` keeps the logical-axis boxes (for computing shardings abstractly)."""
-    f, s, c = model.num_frames, model.input_size, model.in_channels
-    x = jnp.zeros((1, f, s, s, c), jnp.float32)
-    t = jnp.zeros((1, f), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-    params = model.init(rng, x, t, y)
+def init_state(rng, model: nn.Module, optimizer, *, boxed: bool) -> TrainState:
+    """A fresh state of a DiT or Wan model (its example inputs: models/build.py init_inputs);
+    `boxed` keeps the logical-axis boxes (for computing shardings abstractly)."""
+    params = model.init(rng, *init_inputs(model))
     if not boxed:
         params = nn.unbox(params)
     return TrainState(
@@ -47,7 +44,7 @@ def init_state(rng, model: DiT, optimizer, *, boxed: bool) -> TrainState:
     )
 
 
-def abstract_state(model: DiT, mesh, rules, optimizer=None, *, strict: bool = False, seed: int = 0):
+def abstract_state(model: nn.Module, mesh, rules, optimizer=None, *, strict: bool = False, seed: int = 0):
     """(abstract TrainState, its NamedShardings): ShapeDtypeStructs with their shardings from the
     parameters' logical axes and `rules` (`strict`: an axis that cannot be sharded is an error).
     optimizer None: no optimizer state (sampling, export and fine-tuning's sources need none)."""

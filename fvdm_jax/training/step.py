@@ -4,7 +4,8 @@ train_step(state, batch) -> (state, metrics): frame timesteps (the ptss.scheme r
 fvdm_jax/diffusion/schemes.py), noise, label dropout, the hybrid loss, gradients (optionally
 accumulated over micro-batches), global-norm clipping from a configured step (the official
 behaviour), AdamW, EMA, and an on-device record of the first step whose loss or gradient was
-not finite.
+not finite. flow_train_step: the same update (`update_step`) on the rectified-flow objective of
+a text-conditioned Wan model (training/flow_step.py); JittedTrainStep picks it for a FlowSchedule.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fvdm_jax.diffusion.flow import FlowSchedule
 from fvdm_jax.diffusion.losses import training_losses
 from fvdm_jax.diffusion.ptss import PTSS_MODES
 from fvdm_jax.diffusion.schedule import Schedule
@@ -25,6 +27,7 @@ from fvdm_jax.diffusion.schemes import SCHEMES, draw_frame_timesteps
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.models.dit import DiT, drop_labels
 from fvdm_jax.runtime import sharding as shd
+from fvdm_jax.training.flow_step import FLOW_AUX_KEYS, flow_objective
 from fvdm_jax.training.state import TrainState
 
 LR_SCHEDULES = ("constant", "warmup_cosine")
@@ -149,26 +152,36 @@ def train_step(
         means = {k: jnp.mean(terms[k]) for k in ("loss", "mse", "vb") if k in terms}
         return means["loss"], means
 
+    keys = ("loss", "mse", "vb") if model.learn_sigma else ("loss", "mse")
+    return update_step(state, loss_fn, (video, tau, noise, labels), keys,
+                       optimizer=optimizer, train=train)
+
+
+def update_step(state: TrainState, loss_fn, inputs: tuple, aux_keys: tuple, *,
+                optimizer: optax.GradientTransformation, train: Mapping[str, Any]):
+    """The part of a train step every objective shares: gradients of
+    loss_fn(params, *inputs) -> (loss, {aux_keys: means}) (accumulated over
+    train.grad_accum_steps micro-batches of the batch-major `inputs`; None entries stay None),
+    `apply_gradients`, and the on-device non-finite record. Returns (state, metrics)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     num_micro = int(train["grad_accum_steps"])
     if num_micro == 1:
-        (_, aux), grads = grad_fn(state.params, video, tau, noise, labels)
+        (_, aux), grads = grad_fn(state.params, *inputs)
     else:
         # Micro-batches are slices of the global batch (PTSS and noise drawn for all of it), so
         # accumulation changes memory, not the maths: the mean of micro-batch means.
         micro = tuple(
             _split_micro(a, num_micro) if a is not None else None
-            for a in (video, tau, noise, labels)
+            for a in inputs
         )
 
         def accumulate(carry, xs):
             (_, aux), grads = grad_fn(state.params, *xs)
             return jax.tree_util.tree_map(jnp.add, carry, (grads, aux)), None
 
-        keys = ("loss", "mse", "vb") if model.learn_sigma else ("loss", "mse")
         zeros = (
             jax.tree_util.tree_map(jnp.zeros_like, state.params),
-            {k: jnp.zeros((), jnp.float32) for k in keys},
+            {k: jnp.zeros((), jnp.float32) for k in aux_keys},
         )
         (grads, aux), _ = jax.lax.scan(accumulate, zeros, micro)
         grads, aux = jax.tree_util.tree_map(lambda a: a / num_micro, (grads, aux))
@@ -192,6 +205,17 @@ def train_step(
     )
     metrics = dict(aux, grad_norm=grad_norm, lr=learning_rate_schedule(train)(state.step))
     return new_state, metrics
+
+
+def flow_train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model,
+                    schedule: FlowSchedule, optimizer: optax.GradientTransformation,
+                    train: Mapping[str, Any], ptss: Mapping[str, Any], coin_groups: int = 1):
+    """One rectified-flow optimizer step of a text-conditioned (Wan) model on a global batch
+    {'video': (B, F, h, w, C) latents, 'context': (B, L, D), 'context_mask': (B, L), ...}: the
+    objective of training/flow_step.py, then the same update as `train_step`."""
+    loss_fn, inputs = flow_objective(state, batch, model=model, schedule=schedule, train=train,
+                                     ptss=ptss, coin_groups=coin_groups)
+    return update_step(state, loss_fn, inputs, FLOW_AUX_KEYS, optimizer=optimizer, train=train)
 
 
 def data_shards(batch_shardings) -> int:
@@ -242,9 +266,12 @@ class JittedTrainStep:
         self.mesh = mesh if mesh is not None else _mesh_of((batch_shardings, state_shardings))
         self.rules = tuple(rules)
 
+        # The objective follows the process: rectified flow (a FlowSchedule) or the VP one.
+        step_fn = flow_train_step if isinstance(schedule, FlowSchedule) else train_step
+
         def step(state, batch):
             self.traces += 1  # runs only while tracing
-            return train_step(
+            return step_fn(
                 state,
                 batch,
                 model=model,

@@ -312,9 +312,11 @@ def test_mesh_fit_and_compile_fit_find_a_layout_that_fits(tmp_path):
 @pytest.mark.slow
 def test_fvd_feature_program(tmp_path):
     config = tiny("v5e:2x2", programs=("fvd_features",))
-    config.eval.batch_size = 4
+    (record,), text = compile_job.compile_job(config, str(tmp_path))
+    assert record["fits"] is None and "at least 9 frames" in record["skipped"]  # tiny: 4 frames
+    config.eval.batch_size, config.model.num_frames = 4, 16
     (record,), _ = compile_job.compile_job(config, str(tmp_path))
-    assert record["fits"] is True and record["video_shape"] == [4, 8, 8, 3]
+    assert record["fits"] is True and record["video_shape"] == [16, 8, 8, 3]
     assert record["memory_gib"]["arguments"] > 0.04  # the I3D's weights, replicated
 
 

@@ -421,6 +421,11 @@ def _programs(config) -> list[str]:
 
 
 def _skip_reason(name: str, config) -> str | None:
+    from fvdm_jax.models.i3d import I3D_MIN_FRAMES
+
+    if name == "fvd_features" and int(config.model.num_frames) < I3D_MIN_FRAMES:
+        return (f"FVD's I3D needs at least {I3D_MIN_FRAMES} frames; the model makes "
+                f"{config.model.num_frames}")
     if name == "vae_encode" and str(config.data.source) != "latents":
         return "the model trains on pixels (data.source is not 'latents'): no VAE"
     if name == "vae_encode" and vae_config_path(config) is None:

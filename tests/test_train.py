@@ -290,6 +290,7 @@ def test_ffs_xl_recipe_builds_sharded_state_abstractly():
         build_setup(config)
 
 
+@pytest.mark.slow  # ~55 s on 2 cores; test_demo_quality (slow) trains the demo config whole
 def test_demo_config_trains_on_the_shipped_clips(tmp_path):
     config = load_config(os.path.join(CONFIGS, "demo.py"))
     config.train.num_steps = 2

@@ -29,7 +29,9 @@ def get_config() -> config_dict.ConfigDict:
     model.class_dropout_prob = 0.1  # label dropout for classifier-free guidance (null class row)
     model.dtype = "float32"  # compute dtype: float32 / bfloat16
     model.param_dtype = "float32"  # master weights
-    model.attention = "xla"  # xla / cudnn / auto (cudnn on GPU for bf16)
+    # xla / cudnn / splash (TPU Pallas kernel) / splash_interpret (its interpreter, tests) / auto
+    # (cudnn on GPU for bf16, splash on TPU from 4096 tokens on, else xla)
+    model.attention = "xla"
     model.scan_layers = True  # run the stacked blocks with nn.scan (False unrolls the scan)
     model.remat = "auto"  # auto (dots on CPU, none on GPU/TPU) / none / full / dots / dots_no_batch
     # Wan 2.1 only (model.architecture='wan'; fvdm_jax/models/wan.py): size 1.3B / 14B fixes dim,
@@ -48,6 +50,9 @@ def get_config() -> config_dict.ConfigDict:
     wan.qk_norm = True  # RMSNorm of q and k across heads
     wan.cross_attn_norm = True  # affine LayerNorm before the cross-attention
     wan.rope_max_seq_len = 1024  # the longest token-grid axis 3-D RoPE accepts
+    # (h, w) latents of the training videos where no data fixes them: synthetic data, --mode=compile,
+    # the default sample size (480 x 832 pixels -> 60 x 104 latents).
+    wan.latent_size = (60, 104)
 
     # The discrete diffusion process (its VP-SDE view: beta from 0.1 to 20 on [0, 1]).
     config.diffusion = diffusion = config_dict.ConfigDict()
@@ -98,6 +103,9 @@ def get_config() -> config_dict.ConfigDict:
     # longest prompt of the set; Wan pads to 512) and the cache's storage dtype.
     data.text_length = config_dict.placeholder(int)
     data.cache_dtype = "float32"  # float32 / float16 / bfloat16
+    # data.source=synthetic with a Wan model: text-conditional moving waves in latent space of
+    # model.wan.latent_size, data.text_length tokens (None = 8), this many distinct prompts.
+    data.synthetic_prompts = 4
     data.device_prefetch = 2  # global batches put on the devices ahead of the step (0 = off)
     # The demo source only: which shipped clips, the smallest random crop (a fraction of the
     # short side), every clip equally likely (else every window), and the last frames of every

@@ -15,6 +15,7 @@ def get_config():
     model.architecture = "wan"
     model.num_frames, model.in_channels = 21, 16
     model.dtype = "bfloat16"
+    model.attention = "auto"  # TPU: the splash kernel (32,760 tokens); GPU: cuDNN
 
     config.diffusion.process = "flow"
 

@@ -1,7 +1,8 @@
 """A Wan 2.1 model small enough to train in seconds on CPU, with rectified flow and per-frame
-levels, on precomputed text latents: set --config.data.path to a folder of per-clip .npz files
-(latents (4, F >= 4, h, w) with h, w even; context (L, 16)) or .pth files (DiffSynth / Pusa
-layout); fvdm_jax/data/text_latents.py caches them in WORKDIR/text_latents."""
+levels. As shipped it trains on synthetic text-conditional latents (no files); for precomputed
+text latents set --config.data.source=text_latents --config.data.path=DIR, a folder of per-clip
+.npz files (latents (4, F >= 4, h, w) with h, w even; context (L, 16)) or .pth files (DiffSynth /
+Pusa layout); fvdm_jax/data/text_latents.py caches them in WORKDIR/text_latents."""
 
 from fvdm_jax.config.load import load_sibling
 
@@ -17,10 +18,12 @@ def get_config():
     wan.size = "custom"
     wan.dim, wan.ffn_dim, wan.num_heads, wan.num_layers = 24, 32, 2, 2
     wan.freq_dim, wan.text_dim, wan.rope_max_seq_len = 32, 16, 32
+    wan.latent_size = (8, 8)
 
     config.diffusion.process = "flow"
 
-    config.data.source = "text_latents"
+    config.data.source = "synthetic"
+    config.data.text_length = 8
 
     config.train.num_steps = 20
     config.train.batch_size = 8

@@ -68,7 +68,9 @@ def test_train_then_export_from_the_command_line(tmp_path):
     assert config["model"]["hidden_size"] == 32 and "params" in params
 
 
-@pytest.mark.slow  # ~60 s on 2 cores; test_train's in-process signal tests and test_preemption_multihost's SIGTERM run stay in the default suite
+# ~60 s on 2 cores: slow; test_train's in-process signal tests and test_preemption_multihost's
+# SIGTERM run stay in the default suite.
+@pytest.mark.slow
 def test_sigterm_exits_143_after_saving_and_a_rerun_resumes(tmp_path):
     """What a requeue wrapper sees: 143 (not 0) with a checkpoint of the step the run had reached
     (not of a periodic save: those are 100000 steps apart); the rerun trains on from that step."""
@@ -246,7 +248,9 @@ def assert_same_videos(first, *others):
                 assert np.abs(a["videos"].astype(int) - b["videos"].astype(int)).max() <= 1
 
 
-@pytest.mark.slow  # two 2-process runs and one 1-process run: ~100 s on 2 cores; test_preemption_multihost and test_launch keep 2-process runs in the default suite
+# Two 2-process runs and one 1-process run, ~100 s on 2 cores: slow; test_preemption_multihost
+# and test_launch keep 2-process runs in the default suite.
+@pytest.mark.slow
 def test_two_processes_match_one(trained, tmp_path):
     """2 processes x 4 CPU devices (gloo) train like this process's 8 devices."""
     import jax

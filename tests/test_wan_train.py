@@ -42,7 +42,9 @@ def clip_dir(tmp_path_factory):
 
 def wan_config(clip_dir, **overrides):
     config = load_config(os.path.join(CONFIGS, "wan_tiny.py"))
+    config.data.source = "text_latents"
     config.data.path = clip_dir
+    config.data.text_length = None
     config.train.num_steps = STEPS
     config.train.lr = 1e-2
     config.train.log_every_steps = 1
@@ -154,7 +156,7 @@ def test_training_and_flat_wan_sections_build_the_same_model():
     ({"diffusion.process": "vp"}, "Wan with rectified flow; set diffusion.process=flow"),
     ({"sample.every_steps": 10}, "sample.every_steps=10: periodic samples"),
     ({"eval.every_steps": 5}, "eval.every_steps=5"),
-    ({"data.source": "synthetic"}, "set data.source=text_latents"),
+    ({"data.source": "demo"}, "set data.source to one of text_latents, synthetic"),
 ])
 def test_a_wan_config_refuses_what_is_dit_only(override, expect):
     config = load_config(os.path.join(CONFIGS, "wan_tiny.py"))

@@ -15,6 +15,8 @@ from fvdm_jax.sampling.sampler import validate_sample_config
 from fvdm_jax.training.setup import schedule_from_config
 from fvdm_jax.training.step import validate_train_config
 
+WAN_SOURCES = ("text_latents", "synthetic")  # the data sources that give text contexts
+WAN_MODES = ("train", "export", "sample", "compile")
 MODES = ("train", "export", "encode", "sample", "eval", "compile")
 
 
@@ -29,7 +31,7 @@ def check(config, mode: str = "train", *, near: str | None = None) -> None:
         _check_wan(config, mode)
         if mode in ("train", "compile"):
             validate_train_config(config.train, config.ptss)
-        if mode in ("train", "sample", "eval"):
+        if mode in ("train", "sample", "eval") and architecture_of(config.model) != "wan":
             validate_sample_config(config.sample, config.model)
     except ConfigError:
         raise
@@ -38,9 +40,9 @@ def check(config, mode: str = "train", *, near: str | None = None) -> None:
 
 
 def _check_wan(config, mode: str) -> None:
-    """A Wan model trains with rectified flow on text latents, through the training loop only:
-    periodic samples / FVD, the verdict, fine-tuning (init_from), mesh.fit and the other modes
-    are the DiT's."""
+    """A Wan model trains with rectified flow on text contexts (text latents or synthetic ones)
+    and runs WAN_MODES; periodic samples / FVD, the verdict and fine-tuning (init_from) are the
+    DiT's."""
     wan = architecture_of(config.model) == "wan"
     process = config.diffusion.get("process") or "vp"
     if wan != (process == "flow"):
@@ -50,18 +52,17 @@ def _check_wan(config, mode: str) -> None:
                           f"Wan with rectified flow; set {fix}")
     if not wan:
         return
-    if mode != "train":
-        raise ConfigError(f"--mode={mode} is DiT-only for now; a Wan config runs --mode=train "
-                          f"(sample a Wan model with fvdm_jax.sampling.wan_sampler.WanSampler)")
-    if config.data.get("source") != "text_latents":
-        raise ConfigError(f"model.architecture='wan' trains on text contexts: set "
-                          f"data.source=text_latents (not {config.data.get('source')!r})")
+    if mode not in WAN_MODES:
+        raise ConfigError(f"--mode={mode} is DiT-only for now; a Wan config runs --mode="
+                          f"{', '.join(WAN_MODES)}")
+    if config.data.get("source") not in WAN_SOURCES:
+        raise ConfigError(f"model.architecture='wan' trains on text contexts: set data.source to "
+                          f"one of {', '.join(WAN_SOURCES)} (not {config.data.get('source')!r})")
     during = {"sample.every_steps": config.sample.get("every_steps"),
               "eval.every_steps": config.eval.get("every_steps"),
               "eval.after_training": tuple(config.eval.get("after_training") or ()),
-              "train.init_from": config.train.get("init_from"),
-              "mesh.fit": bool(config.mesh.get("fit", False))}
+              "train.init_from": config.train.get("init_from")}
     used = [f"{key}={value!r}" for key, value in during.items() if value]
     if used:
-        raise ConfigError(f"{', '.join(used)}: periodic samples / FVD, the verdict, init_from and "
-                          f"mesh.fit are DiT-only; a Wan config sets them off (0, (), None, False)")
+        raise ConfigError(f"{', '.join(used)}: periodic samples / FVD, the verdict and init_from are "
+                          f"DiT-only; a Wan config sets them off (0, (), None)")

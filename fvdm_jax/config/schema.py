@@ -210,6 +210,7 @@ def ranges() -> Mapping[str, str]:
         "data.frame_interval": ">= 1",
         "data.image_size": ">= 1",
         "data.num_examples": ">= 1",
+        "data.synthetic_prompts": ">= 1",
         "data.seed": ">= 0",
         "data.num_workers": ">= 0",
         "data.cache_videos_per_shard": ">= 1",

@@ -33,8 +33,10 @@ import grain
 import numpy as np
 from absl import flags
 
-from fvdm_jax.data.synthetic import SyntheticVideoSource
+from fvdm_jax.data.synthetic import SyntheticTextLatentSource, SyntheticVideoSource
 from fvdm_jax.errors import ConfigError
+
+SYNTHETIC_TEXT_LENGTH = 8  # data.text_length of synthetic text contexts when it is None
 
 
 def _required(config: Mapping[str, Any], key: str, section: str) -> Any:
@@ -46,6 +48,17 @@ def _required(config: Mapping[str, Any], key: str, section: str) -> Any:
 
 
 def _synthetic(data, model, vae, workdir, num_classes):
+    if model.get("architecture") == "wan":
+        return SyntheticTextLatentSource(
+            num_examples=_required(data, "num_examples", "data"),
+            num_frames=_required(model, "num_frames", "model"),
+            latent_size=_required(model, "latent_size", "model.wan"),
+            channels=_required(model, "in_channels", "model"),
+            text_length=data.get("text_length") or SYNTHETIC_TEXT_LENGTH,
+            text_dim=_required(model, "text_dim", "model.wan"),
+            num_prompts=_required(data, "synthetic_prompts", "data"),
+            seed=_required(data, "seed", "data"),
+        )
     return SyntheticVideoSource(
         num_examples=_required(data, "num_examples", "data"),
         num_frames=_required(model, "num_frames", "model"),
@@ -180,10 +193,12 @@ def make_source(
 
     Args:
       data_config: the `data` config section (ml_collections ConfigDict or dict).
-        'synthetic': num_examples, seed. 'demo': num_examples, frame_interval, seed (the shipped
-        real clips, pixels). 'video_folder': path, dataset, split, frame_interval, image_size,
-        seed (pixels in [-1, 1]). 'latents': cache_path (default WORKDIR/latents, where
-        --mode=encode writes it), frame_interval, seed. 'tfds': tfds_name, tfds_data_dir,
+        'synthetic': num_examples, seed (with a Wan model: text_length, synthetic_prompts and
+        the model's latent_size and text_dim; examples then hold 'context' too). 'demo':
+        num_examples, frame_interval, seed (the shipped real clips, pixels). 'video_folder':
+        path, dataset, split, frame_interval, image_size, seed (pixels in [-1, 1]). 'latents':
+        cache_path (default WORKDIR/latents, where --mode=encode writes it), frame_interval,
+        seed. 'tfds': tfds_name, tfds_data_dir,
         tfds_split (else split), tfds_video_key, tfds_label_key, dataset, class_ids,
         frame_interval, image_size, seed (pixels in [-1, 1], the clip rules of video_folder).
         'text_latents': path (the per-clip .pth / .npz files), cache_path (default

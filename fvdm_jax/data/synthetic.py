@@ -135,3 +135,44 @@ class SyntheticVideoSource:
             "video": video.astype(np.float32),
             "label": np.asarray(label, dtype=np.int32),
         }
+
+
+class SyntheticTextLatentSource:
+    """Text-conditional synthetic latents for a text-to-video model, no files needed:
+    `{'video': (F, h, w, C), 'context': (L, D), 'context_mask': bool (L,), 'label': 0}`.
+
+    Each example draws one of `num_prompts` "prompts"; prompt k is a fixed Gaussian context with
+    its first `L - k % L` tokens valid (so padding is exercised) and picks the k-th frequency band
+    of the moving waves of `SyntheticVideoSource`, so the text decides what the video looks like.
+    Like that source, example `index` is a pure function of `(seed, index)`.
+    """
+
+    def __init__(self, num_examples: int, num_frames: int, latent_size: tuple[int, int],
+                 channels: int, text_length: int, text_dim: int, num_prompts: int, seed: int = 0):
+        self.height, self.width = h, w = [int(s) for s in latent_size]
+        if min(text_length, text_dim, num_prompts) <= 0:
+            raise ConfigError(f"text_length={text_length}, text_dim={text_dim} and "
+                              f"num_prompts={num_prompts} must all be positive")
+        # Square waves of the longer side, cropped to (h, w).
+        self.videos = SyntheticVideoSource(num_examples, num_frames, max(h, w), channels,
+                                           num_classes=num_prompts, seed=seed)
+        self.text_length, self.text_dim, self.seed = int(text_length), int(text_dim), seed
+        rng = np.random.default_rng((seed, 0x7E27))
+        self.contexts = rng.standard_normal((num_prompts, self.text_length, self.text_dim))
+        self.contexts = self.contexts.astype(np.float32)
+        self.lengths = [self.text_length - k % self.text_length for k in range(num_prompts)]
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __repr__(self) -> str:
+        return (f"SyntheticTextLatentSource({self.videos!r}, text_length={self.text_length}, "
+                f"text_dim={self.text_dim})")
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        example = self.videos[index]
+        k = int(example["label"])
+        mask = np.arange(self.text_length) < self.lengths[k]
+        video = example["video"][:, :self.height, :self.width]
+        return {"video": video, "context": self.contexts[k] * mask[:, None],
+                "context_mask": mask, "label": np.int32(0)}

@@ -18,6 +18,7 @@ import numpy as np
 from fvdm_jax.data import media
 from fvdm_jax.diffusion import tasks
 from fvdm_jax.errors import ConfigError
+from fvdm_jax.models.build import architecture_of
 from fvdm_jax.runtime import files
 from fvdm_jax.sampling.sampler import VideoSampler, parse_ints
 from fvdm_jax.sampling.weights import load_sampling_params
@@ -110,9 +111,10 @@ class JobInputs:
 
 def output_dir(config, workdir: str) -> str:
     s = config.sample
+    sampler = "euler" if architecture_of(config.model) == "wan" else s.sampler  # flow: Euler
     # A URL (gs://...) stays a URL: every write below goes through fvdm_jax.runtime.files.
     return s.output_dir or files.join(
-        workdir, "samples", f"{s.task}_{s.sampler}{s.num_steps}{_conditioning_tag(s)}_seed{s.seed}"
+        workdir, "samples", f"{s.task}_{sampler}{s.num_steps}{_conditioning_tag(s)}_seed{s.seed}"
     )
 
 
@@ -150,13 +152,50 @@ def _record(config, model_config, weights: str) -> dict:
     return json.loads(json.dumps({"sample": s, "model": dict(model_config), "weights": weights}))
 
 
+class _DitRun:
+    """A DiT job's batches: pixel videos and class labels (VideoSampler + JobInputs)."""
+
+    def __init__(self, config, workdir: str):
+        self.model_config, diffusion_config, params = load_sampling_params(config, workdir)
+        self.sampler = VideoSampler.from_config(config, params, model_config=self.model_config,
+                                                diffusion_config=diffusion_config)
+        self.inputs = JobInputs(config, self.sampler, workdir)
+        self.task, self.batch_size = config.sample.task, int(config.sample.batch_size)
+
+    def videos(self, rng, indices) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        kwargs, labels = self.inputs.batch(indices)
+        videos = self.sampler.run(self.task, rng, labels=labels, batch_size=self.batch_size,
+                                  **kwargs)
+        return videos, labels, {}
+
+    def compilations(self) -> int:
+        return self.sampler.compilations()
+
+
+class _WanRun:
+    """A Wan job's batches: latents of the data's prompts (and frames), shown as pixels."""
+
+    def __init__(self, config, workdir: str):
+        from fvdm_jax.sampling.wan_job import WanJob
+
+        self.job = WanJob(config, workdir)
+        self.model_config = self.job.model_config
+
+    def videos(self, rng, indices) -> tuple[np.ndarray, None, dict]:
+        from fvdm_jax.sampling.wan_job import latent_preview
+
+        latents = self.job.latents(rng, indices)
+        return latent_preview(latents), None, {"latents": latents}
+
+    def compilations(self) -> int:
+        return self.job.compilations()
+
+
 def sample_job(config, workdir: str) -> str:
     """--mode=sample: writes OUT/samples.npz (returned), MP4/GIF/PNG media and OUT/sample.json."""
     s = config.sample
-    model_config, diffusion_config, params = load_sampling_params(config, workdir)
-    sampler = VideoSampler.from_config(config, params, model_config=model_config,
-                                       diffusion_config=diffusion_config)
-    job_inputs = JobInputs(config, sampler, workdir)
+    run = (_WanRun if architecture_of(config.model) == "wan" else _DitRun)(config, workdir)
+    model_config = run.model_config
     out = output_dir(config, workdir)
     batches_dir, media_dir = files.join(out, "batches"), files.join(out, "media")
     is_main = jax.process_index() == 0
@@ -186,17 +225,16 @@ def sample_job(config, workdir: str) -> str:
         if files.exists(path):
             continue  # done before an interruption: every batch is a function of (seed, k)
         indices = list(range(k * batch, (k + 1) * batch))
-        kwargs, labels = job_inputs.batch(indices)
         started = time.perf_counter()
-        videos = sampler.run(s.task, jax.random.fold_in(seed_key, k), labels=labels,
-                             batch_size=batch, **kwargs)
+        videos, labels, extra = run.videos(jax.random.fold_in(seed_key, k), indices)
         timings.append(time.perf_counter() - started)
         keep = min(batch, num_videos - k * batch)
         videos = media.to_uint8(videos[:keep])
         if labels is None:
             labels = np.zeros((batch,), np.int32)
         if is_main:
-            files.savez(path, videos=videos, labels=np.asarray(labels[:keep], np.int32))
+            files.savez(path, videos=videos, labels=np.asarray(labels[:keep], np.int32),
+                        **{name: value[:keep] for name, value in extra.items()})
             if s.save_media:
                 media.write_media(media_dir, videos, k * batch, int(s.fps), f"batch_{k:05d}",
                             int(s.sheet_frame_size))
@@ -204,16 +242,16 @@ def sample_job(config, workdir: str) -> str:
         bar.close()
     if not is_main:
         return files.join(out, "samples.npz")
-    videos, labels = [], []
+    arrays = {}
     for k in range(num_batches):
         path = files.join(batches_dir, f"batch_{k:05d}.npz")
         with files.open_file(path, "rb") as f, np.load(f) as data:
-            videos.append(data["videos"])
-            labels.append(data["labels"])
-    videos = np.concatenate(videos)[:num_videos]
-    labels = np.concatenate(labels)[:num_videos]
+            for name in data.files:
+                arrays.setdefault(name, []).append(data[name])
+    arrays = {name: np.concatenate(parts)[:num_videos] for name, parts in arrays.items()}
+    videos = arrays["videos"]
     final = files.join(out, "samples.npz")
-    files.savez(final, videos=videos, labels=labels, task=np.asarray(s.task))
+    files.savez(final, **arrays, task=np.asarray(s.task))
     steady = timings[1:]
     info = {
         "settings": record,
@@ -223,7 +261,7 @@ def sample_job(config, workdir: str) -> str:
         "first_batch_sec": timings[0] if timings else None,  # includes compilation
         "sec_per_batch": float(np.mean(steady)) if steady else None,
         "sec_per_video": float(np.mean(steady)) / batch if steady else None,
-        "compilations": sampler.compilations(),
+        "compilations": run.compilations(),
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     }
     files.write_json(record_path, info, indent=2, sort_keys=False)

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "splash_interpret", "auto")
+SPLASH_MIN_TOKENS = 4096  # 'auto' on TPU: the splash kernel for attention over this many tokens
 
 
 def logical_init(init: Callable, names: Sequence[str | None]) -> Callable:
@@ -121,29 +122,41 @@ def xavier_uniform_fused(in_axes: Sequence[int] = (0,)):
     return init
 
 
-def dot_product_attention(q, k, v, implementation: str):
-    """softmax(q k^T / sqrt(d)) v on (N, S, H, Dh) arrays.
+def dot_product_attention(q, k, v, implementation: str, key_mask=None):
+    """softmax(q k^T / sqrt(d)) v on (N, S, H, Dh) arrays (k, v (N, L, H, Dh)); key_mask (N, L)
+    bool, True where a key is attended.
 
-    'cudnn' asks for the fused cuDNN kernel (GPU, fp16/bf16); 'xla' is the portable path; 'auto'
-    picks cuDNN on GPU for half-precision inputs and XLA elsewhere.
+    'cudnn' asks for the fused cuDNN kernel (GPU, fp16/bf16); 'splash' for TPU's Pallas kernel
+    (fvdm_jax/models/splash.py; 'splash_interpret' runs it through the Pallas interpreter on any
+    backend); 'xla' is the portable path; 'auto' is `resolve_attention`'s choice for this length.
     """
-    implementation = resolve_attention(implementation, q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    implementation = resolve_attention(implementation, q.dtype, tokens=q.shape[1])
+    if implementation.startswith("splash"):
+        from fvdm_jax.models.splash import splash_attention
+
+        return splash_attention(q, k, v, key_mask,
+                                interpret=implementation == "splash_interpret")
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
-def resolve_attention(implementation: str, dtype, backend: str | None = None) -> str:
+def resolve_attention(implementation: str, dtype, backend: str | None = None,
+                      tokens: int | None = None) -> str:
     """The implementation a model.attention setting runs with for inputs of `dtype` on `backend`
-    (default: jax's; --mode=compile passes the target's): 'auto' is cuDNN on GPU in half
-    precision, XLA elsewhere."""
+    (default: jax's; --mode=compile passes the target's) over `tokens` query tokens: 'auto' is
+    cuDNN on GPU in half precision, the splash kernel on TPU from SPLASH_MIN_TOKENS tokens on
+    (below, XLA's scores are small and splash's blocks would be mostly padding), XLA elsewhere."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"model.attention={implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
         )
     if implementation != "auto":
         return implementation
-    on_gpu = (backend or jax.default_backend()) == "gpu"
+    backend = backend or jax.default_backend()
+    if backend == "tpu" and tokens is not None and tokens >= SPLASH_MIN_TOKENS:
+        return "splash"
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    return "cudnn" if on_gpu and half else "xla"
+    return "cudnn" if backend == "gpu" and half else "xla"
 
 
 class Mlp(nn.Module):

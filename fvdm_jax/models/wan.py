@@ -40,7 +40,6 @@ from fvdm_jax.models.layers import (
     constrain,
     dot_product_attention,
     logical_init,
-    resolve_attention,
     xavier_uniform,
 )
 
@@ -150,12 +149,8 @@ class WanAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (a.astype(self.dtype) for a in (q, k, v))
-        if mask is None:
-            out = dot_product_attention(q, k, v, self.attention)
-        else:  # (N, L) key mask -> (N, 1, 1, L): padded text tokens are not attended to
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask[:, None, None, :],
-                implementation=resolve_attention(self.attention, q.dtype))
+        # mask (N, L): padded text tokens are not attended to
+        out = dot_product_attention(q, k, v, self.attention, key_mask=mask)
         return nn.DenseGeneral(
             features=self.dim,
             axis=(-2, -1),

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from fvdm_jax.errors import ConfigError
+from fvdm_jax.models.wan import Wan
 from fvdm_jax.runtime import compiled as xla
 from fvdm_jax.runtime import sharding as shd
 
@@ -36,6 +37,7 @@ from fvdm_jax.runtime import sharding as shd
 RECOMPUTE = ("none", "dots", "dots_no_batch", "full")
 GRAD_ACCUM = (1, 2, 4, 8)
 UNROLLED_RECOMPUTE = ("none", "dots")
+WAN_TEXT_LENGTH = 512  # the text tokens of a Wan batch when data.text_length is None (Wan pads to it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,8 @@ def _tensor_divisor(config) -> int:
     from fvdm_jax.models import model_from_config
 
     model = model_from_config(config.model)
+    if isinstance(model, Wan):
+        return math.gcd(int(model.num_heads), int(model.ffn_dim))
     mlp = int(model.hidden_size * model.mlp_ratio)
     return math.gcd(int(model.num_heads), mlp)
 
@@ -147,12 +151,26 @@ def valid(layout: Layout, config, num_devices: int) -> bool:
 
 
 def abstract_batch(setup, config) -> dict:
-    """ShapeDtypeStructs of one global batch with the batch shardings (as the latent cache gives)."""
+    """ShapeDtypeStructs of one global batch with the batch shardings (as the latent cache gives;
+    a Wan model's: model.wan.latent_size latents and data.text_length (None = Wan's 512) text
+    tokens)."""
     model, b = setup.model, int(config.train.batch_size)
-    shape = (b, model.num_frames, model.input_size, model.input_size, model.in_channels)
+    shardings = setup.batch_shardings
+    if isinstance(model, Wan):
+        h, w = (int(v) for v in config.model.wan.latent_size)
+        shape = (b, int(config.model.num_frames), h, w, model.in_channels)
+        text = int(config.data.get("text_length") or WAN_TEXT_LENGTH)
+        extra = {"context": jax.ShapeDtypeStruct((b, text, model.text_dim), np.float32,
+                                                 sharding=shardings["context"]),
+                 "context_mask": jax.ShapeDtypeStruct((b, text), np.bool_,
+                                                      sharding=shardings["context_mask"])}
+    else:
+        shape = (b, model.num_frames, model.input_size, model.input_size, model.in_channels)
+        extra = {}
     return {
-        "video": jax.ShapeDtypeStruct(shape, np.float32, sharding=setup.batch_shardings["video"]),
-        "label": jax.ShapeDtypeStruct((b,), np.int32, sharding=setup.batch_shardings["label"]),
+        "video": jax.ShapeDtypeStruct(shape, np.float32, sharding=shardings["video"]),
+        "label": jax.ShapeDtypeStruct((b,), np.int32, sharding=shardings["label"]),
+        **extra,
     }
 
 

@@ -82,6 +82,7 @@ def test_export_builds_the_model_back(trained, tmp_path):
     ("interpolate", {}),
     ("any_frame", {"sample.frame_indices": "1,2"}),
     ("extend", {"sample.overlap": 2}),
+    ("transition", {}),
 ])
 def test_sampling_keeps_the_given_latent_frames_exactly(trained, task, overrides):
     config = tiny(**{"sample.task": task, **overrides})
@@ -91,10 +92,13 @@ def test_sampling_keeps_the_given_latent_frames_exactly(trained, task, overrides
         latents, videos = data["latents"], data["videos"]
     assert latents.shape == (3, 4, 8, 8, 4) and videos.shape == (3, 4, 8, 8, 3)
     source = make_source(config.data, flat_model_config(config.model))
-    given = {"i2v": [0], "interpolate": [0, 3], "any_frame": [1, 2], "extend": [0, 1]}[task]
+    given = {"i2v": [0], "interpolate": [0, 3], "any_frame": [1, 2], "extend": [0, 1],
+             "transition": [0, 3]}[task]
     free = [i for i in range(4) if i not in given]
     for i in range(3):
         clip = source[i]["video"]
+        if task == "transition":  # example 2i's last frame, then example 2i + 1's first
+            clip = np.stack([source[2 * i]["video"][-1]] * 3 + [source[2 * i + 1]["video"][0]])
         np.testing.assert_array_equal(latents[i][given], clip[given])  # m = 0: exactly
         assert not np.allclose(latents[i][free], clip[free], atol=1e-3)
     assert json.load(open(os.path.join(os.path.dirname(path), "sample.json")))["compilations"] == 1
@@ -121,7 +125,8 @@ def test_generate_is_resumable_and_writes_media(trained, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, expect", [
-    ({"sample.task": "transition"}, "a Wan model samples generate, i2v"),
+    ({"sample.task": "progressive"}, "a Wan model samples generate, i2v"),
+    ({"sample.task": "transition", "sample.overlap": 2}, "transition overlap=2 must be"),
     ({"sample.task": "any_frame"}, "needs sample.frame_indices"),
     ({"sample.inputs": "a.png"}, "needs the Wan VAE"),
 ])

@@ -69,7 +69,11 @@ class WanJob:
             noise_multiplier=float(s.noise_multiplier), num_frames=num_frames, latent_hw=(h, w))
         self.task = s.task
         self.frame_indices = parse_indices(s.get("frame_indices"))
-        self.overlap = s.get("overlap") or num_frames // 2
+        overlap = s.get("overlap")
+        self.overlap = int(overlap or (num_frames // 4 if s.task == "transition" else num_frames // 2))
+        if s.task == "transition" and not 0 < 2 * self.overlap < num_frames:
+            raise ConfigError(f"transition overlap={self.overlap} must be >= 1 and < num_frames / 2 "
+                              f"= {num_frames / 2}")
         self._given(first["video"])  # a bad frame choice fails here, before any sampling
 
     def _data_model(self, config) -> dict:
@@ -80,8 +84,12 @@ class WanJob:
                 data_model[key] = self.model_config[key]
         return data_model
 
-    def _given(self, clip: np.ndarray) -> np.ndarray | None:
-        """The latent frames the task is given, from one data clip (F, h, w, C)."""
+    def _given(self, clip: np.ndarray, after: np.ndarray | None = None) -> np.ndarray | None:
+        """The latent frames the task is given, from one data clip (F, h, w, C) (transition:
+        clip A's last and `after`'s (clip B's) first sample.overlap frames)."""
+        if self.task == "transition":
+            o = int(self.overlap)
+            return np.concatenate([clip[-o:], (clip if after is None else after)[:o]])
         if self.task == "generate":
             return None
         if self.task == "i2v":
@@ -100,9 +108,15 @@ class WanJob:
 
     def latents(self, rng, indices) -> np.ndarray:
         """Videos `indices` of the job: float32 latents (B, F, h, w, C)."""
-        items = [self.source[i % len(self.source)] for i in indices]
+        n = len(self.source)
+        if self.task == "transition":  # video i: from example 2i to example 2i + 1, A's text
+            pairs = [(self.source[2 * i % n], self.source[(2 * i + 1) % n]) for i in indices]
+            items = [a for a, _ in pairs]
+            given = [self._given(a["video"], b["video"]) for a, b in pairs]
+        else:
+            items = [self.source[i % n] for i in indices]
+            given = [self._given(item["video"]) for item in items]
         context = np.stack([item["context"] for item in items])
-        given = [self._given(item["video"]) for item in items]
         model_inputs = None if given[0] is None else np.stack(given)
         frame_indices = None
         if self.task in ("interpolate", "any_frame"):

@@ -14,6 +14,8 @@ Tasks and their model_inputs (B, K, h, w, C), latents in model space:
   interpolate  K = 2: frames 0 and F-1, or K = len(frame_indices) at those frames.
   any_frame    K = len(frame_indices) frames at frame_indices (required).
   extend       K < F: the first K frames of the window (continues a clip).
+  transition   K = 2 o < F: the last o frames of clip A at frames 0..o-1, the first o of clip B
+               at F-o..F-1; the frames between are generated.
 
 The batch is padded to a multiple of the mesh's batch split (the padding is cut off), inputs are
 sharded over the batch, parameters placed on their logical shardings. Each video's starting noise
@@ -37,7 +39,7 @@ from fvdm_jax.models.build import model_from_config
 from fvdm_jax.runtime import sharding as shd
 from fvdm_jax.sampling.weights import unwrap_params
 
-TASKS = ("generate", "i2v", "interpolate", "any_frame", "extend")
+TASKS = ("generate", "i2v", "interpolate", "any_frame", "extend", "transition")
 
 
 def _abstract_params(model, mesh, rules):
@@ -180,7 +182,7 @@ class WanSampler:
         if k is None:
             raise ConfigError(f"task {task} needs model_inputs (B, K, h, w, C)")
         if frame_indices is not None:
-            if task in ("i2v", "extend"):
+            if task in ("i2v", "extend", "transition"):
                 raise ConfigError(f"task {task} fixes its frames; frame_indices is for "
                                   f"interpolate / any_frame")
             indices = [int(i) for i in frame_indices]
@@ -188,6 +190,11 @@ class WanSampler:
             raise ConfigError("task any_frame needs frame_indices")
         elif task == "i2v":
             indices = [0]
+        elif task == "transition":
+            if k % 2 or not 0 < k < f:
+                raise ConfigError(f"task transition: K = {k} given frames must be 2 o (o of each "
+                                  f"clip) with 2 o < F = {f}")
+            indices = list(range(k // 2)) + list(range(f - k // 2, f))
         elif task == "interpolate":
             if k != 2:
                 raise ConfigError(f"task interpolate with K = {k} given frames needs "

@@ -42,6 +42,7 @@ from fvdm_jax.models.layers import (
     logical_init,
     xavier_uniform,
 )
+from fvdm_jax.models.lora import WAN_TARGETS, Linear, LoRA
 
 # (dim, ffn_dim, num_heads, num_layers) of the released Wan 2.1 text-to-video models.
 WAN_SIZES = {
@@ -127,6 +128,7 @@ class WanAttention(nn.Module):
     attention: str
     dtype: Dtype
     param_dtype: Dtype
+    lora: LoRA = LoRA()
 
     @nn.compact
     def __call__(self, x, kv=None, rope=None, mask=None):
@@ -134,6 +136,9 @@ class WanAttention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def proj(name, inputs):
+            if self.lora.on(f"{self.name}.{name}"):
+                return Linear((self.num_heads, head_dim), ("embed",), ("heads", "kv"),
+                              xavier_uniform(), self.lora, name=name, **kw)(inputs)
             return nn.DenseGeneral(
                 features=(self.num_heads, head_dim),
                 kernel_init=logical_init(xavier_uniform(), ("embed", "heads", "kv")),
@@ -151,6 +156,9 @@ class WanAttention(nn.Module):
         q, k, v = (a.astype(self.dtype) for a in (q, k, v))
         # mask (N, L): padded text tokens are not attended to
         out = dot_product_attention(q, k, v, self.attention, key_mask=mask)
+        if self.lora.on(f"{self.name}.o"):
+            return Linear((self.dim,), ("heads", "kv"), ("embed",), xavier_uniform(), self.lora,
+                          name="o", **kw)(out)
         return nn.DenseGeneral(
             features=self.dim,
             axis=(-2, -1),
@@ -171,6 +179,29 @@ def _norm(x, eps, name=None, affine=False, param_dtype=jnp.float32):
     )(x.astype(jnp.float32))
 
 
+class WanFFN(nn.Module):
+    """layers.Mlp's fc1 -> GELU(tanh) -> fc2 (same names and init) with LoRA on its targets."""
+
+    ffn_dim: int
+    lora: LoRA
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        d, kw = x.shape[-1], dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        off = LoRA()
+
+        def lora(name):
+            return self.lora if self.lora.on(f"ffn.{name}") else off
+
+        h = Linear((self.ffn_dim,), ("embed",), ("mlp",), xavier_uniform(), lora("fc1"),
+                   name="fc1", **kw)(x)
+        h = nn.gelu(h, approximate=True)
+        return Linear((d,), ("mlp",), ("embed",), xavier_uniform(), lora("fc2"), name="fc2",
+                      **kw)(h)
+
+
 class WanBlock(nn.Module):
     """One Wan block on x (B, F, T, D); mod (B, F, 6, D) float32 is the frame's time projection."""
 
@@ -183,6 +214,7 @@ class WanBlock(nn.Module):
     attention: str
     dtype: Dtype
     param_dtype: Dtype
+    lora: LoRA = LoRA()
 
     @nn.compact
     def __call__(self, x, context, mod, rope, mask):
@@ -194,7 +226,7 @@ class WanBlock(nn.Module):
         shift, scale, gate, c_shift, c_scale, c_gate = (e[..., i, :] for i in range(6))
         attn = lambda name: WanAttention(  # noqa: E731
             d, self.num_heads, self.eps, self.qk_norm, self.attention, self.dtype,
-            self.param_dtype, name=name)
+            self.param_dtype, self.lora, name=name)
 
         h = (_norm(x, self.eps) * (1 + scale) + shift).astype(self.dtype)
         y = attn("self_attn")(h.reshape(b, f * t, d), rope=rope).reshape(b, f, t, d)
@@ -208,7 +240,10 @@ class WanBlock(nn.Module):
         x = x + y.reshape(b, f, t, d).astype(self.dtype)
 
         h = (_norm(x, self.eps) * (1 + c_scale) + c_shift).astype(self.dtype)
-        y = Mlp(d, self.ffn_dim, self.dtype, self.param_dtype, name="ffn")(h)
+        if self.lora.on("ffn.fc1") or self.lora.on("ffn.fc2"):
+            y = WanFFN(self.ffn_dim, self.lora, self.dtype, self.param_dtype, name="ffn")(h)
+        else:
+            y = Mlp(d, self.ffn_dim, self.dtype, self.param_dtype, name="ffn")(h)
         x = (x.astype(jnp.float32) + y.astype(jnp.float32) * c_gate).astype(self.dtype)
         return constrain(x, TOKEN_AXES), None
 
@@ -234,6 +269,7 @@ class Wan(nn.Module):
     remat: str = "none"
     attention: str = "xla"
     scan_layers: bool = True
+    lora: LoRA = LoRA()  # adapters (models/lora.py) on lora.targets when lora.rank > 0
 
     @property
     def head_dim(self) -> int:
@@ -320,7 +356,7 @@ class Wan(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = blocks(d, self.ffn_dim, self.num_heads, self.eps, self.qk_norm,
-                      self.cross_attn_norm, self.attention, name="blocks", **kw)(
+                      self.cross_attn_norm, self.attention, lora=self.lora, name="blocks", **kw)(
             x, ctx, mod, rope, mask)
         x = constrain(x, TOKEN_AXES)
 
@@ -383,4 +419,7 @@ def wan_from_config(model_config: Mapping[str, Any]) -> Wan:
         remat=str(model_config.get("remat", "none")),
         attention=str(model_config.get("attention", "xla")),
         scan_layers=bool(model_config.get("scan_layers", True)),
+        lora=LoRA(rank=int(model_config.get("lora_rank") or 0),
+                  alpha=model_config.get("lora_alpha"),
+                  targets=tuple(model_config.get("lora_targets") or WAN_TARGETS)),
     )

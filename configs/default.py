@@ -132,6 +132,44 @@ def get_config() -> config_dict.ConfigDict:
     vae.encode_batch_size = 8  # frames per device per VAE call in --mode=encode
     vae.dtype = "float32"  # float32 / bfloat16
 
+    # Wan 2.1's VAE and text encoder (model.architecture='wan'; docs/wan.md): --mode=encode turns
+    # a folder of captioned videos into the per-clip latents + contexts data.source=text_latents
+    # trains on; --mode=sample encodes sample.prompts / sample.inputs with them and decodes the
+    # sampled latents to pixel videos. None = not used (sampling then shows latents).
+    config.encoders = encoders = config_dict.ConfigDict()
+    # A diffusers AutoencoderKLWan folder (or a pipeline folder with vae/), or Wan2.1_VAE.pth.
+    encoders.vae = config_dict.placeholder(str)
+    # A transformers UMT5 encoder folder (or a pipeline folder with text_encoder/), or Wan's
+    # models_t5_umt5-xxl-enc-bf16.pth.
+    encoders.text = config_dict.placeholder(str)
+    # spiece.model or its folder; None = spiece.model in encoders.text's folder or the one above.
+    encoders.tokenizer = config_dict.placeholder(str)
+    encoders.text_length = 512  # tokens per prompt: longer prompts are cut, contexts padded to it
+    encoders.dtype = "float32"  # matmul dtype of both encoders: float32 / bfloat16
+    # --mode=encode: every this-many-th frame of a video goes into its clip (1 = all frames).
+    encoders.frame_interval = 1
+    # --mode=encode's output, one .npz per video (None = WORKDIR/text_latent_clips); train on it
+    # with data.source=text_latents, data.path=<that folder>.
+    encoders.output_dir = config_dict.placeholder(str)
+
+    # LoRA fine-tuning of a Wan model (fvdm_jax/models/lora.py): rank > 0 puts adapters on the
+    # targets, freezes every other weight (kept in model.param_dtype, no optimizer state, not in
+    # the checkpoints: it comes from train.init_from, or the seed's initialization, at every start)
+    # and trains the adapters alone (AdamW, EMA, checkpoints). Pusa: rank 512, alpha 512.
+    config.lora = lora = config_dict.ConfigDict()
+    lora.rank = 0  # 0 = off (full fine-tuning)
+    lora.alpha = config_dict.placeholder(float)  # None = rank (scale alpha / rank = 1)
+    # Pusa's targets: q, k, v, o of self- and cross-attention and both FFN linears.
+    lora.targets = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+                    "ffn.fc1", "ffn.fc2")
+    # A LoRA file to start the adapters from (peft / diffusers or Wan's original / Kijai names,
+    # e.g. Pusa's published LoRA); its rank must be lora.rank, its alpha (when stored) is used.
+    lora.init_from = config_dict.placeholder(str)
+    # --mode=export of a LoRA run: 'merged' (base + alpha / r A B, an inference checkpoint) or
+    # 'adapter' (WORKDIR/export/step_N/lora.safetensors with Wan's original names, as Pusa's).
+    lora.export = "merged"
+
     # Optimization (the official recipe: AdamW 1e-4, no weight decay, EMA 0.9999, clip 0.1 late).
     config.train = train = config_dict.ConfigDict()
     train.num_steps = 250_000
@@ -186,6 +224,12 @@ def get_config() -> config_dict.ConfigDict:
     sample.clip_denoised = False  # official: False
     sample.cfg_scale = 1.0  # classifier-free guidance on eps (class-conditional; 1 = off)
     sample.labels = config_dict.placeholder(str)  # "3,7,..." cycled; None = random classes
+    # Wan with encoders.text: prompts separated by '|', cycled over the videos (None = the text
+    # contexts of the data source). With prompts and cfg_scale != 1 the negative prompt is the
+    # unconditional branch ('' = the empty prompt, as Wan's pipelines); without prompts it is
+    # the zero context text dropout trained, unless a negative prompt is given.
+    sample.prompts = config_dict.placeholder(str)
+    sample.negative_prompt = ""
     sample.num_videos = 8
     sample.batch_size = 8  # GLOBAL videos per batch (divisible by the data x fsdp mesh size)
     sample.seed = 0  # batch k uses fold_in(seed, k): any batch can be regenerated alone
@@ -199,7 +243,9 @@ def get_config() -> config_dict.ConfigDict:
     sample.history_guidance = 0.0
     sample.history_guidance_mode = "vanilla"  # vanilla / fractional
     sample.history_noise_level = config_dict.placeholder(int)  # fractional: the context's tau
-    sample.inputs = config_dict.placeholder(str)  # image/video paths, comma-separated; None = data clips
+    # Image / video paths, comma-separated; None = data clips. Wan (with encoders.vae): i2v and
+    # extend take input i for video i (cycled), interpolate / any_frame every input as one frame.
+    sample.inputs = config_dict.placeholder(str)
     sample.frame_indices = config_dict.placeholder(str)  # any_frame / interpolate keyframes, "0,7,15"
     sample.overlap = config_dict.placeholder(int)  # context frames; None: N/2 extend, N/4 transition
     sample.total_frames = 128  # extend / rolling: frames of the long video

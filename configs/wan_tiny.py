@@ -30,6 +30,7 @@ def get_config():
     config.train.lr = 1e-3
     config.train.grad_clip_start_step = 0
     config.train.log_every_steps = 5
+    config.train.ema_decay = 0.99  # a horizon of ~100 steps: short runs sample trained weights
 
     config.checkpoint.every_steps = 10
     config.checkpoint.keep = 2

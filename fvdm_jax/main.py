@@ -6,7 +6,8 @@ Modes (--mode; one workdir holds a run's checkpoints, metrics, plots, samples an
   train   train config.train.num_steps steps; rerunning the same command resumes (the default)
   sample  videos of config.sample.task from the workdir's latest EMA weights -> DIR/samples/
   eval    FVD of config.eval.generated, or of videos sampled now, against real clips -> DIR/eval.jsonl
-  encode  a video folder (config.data.path) -> the SD-VAE latent cache DIR/latents
+  encode  a video folder (config.data.path) -> the SD-VAE latent cache DIR/latents (Wan: captioned
+          videos -> per-clip latents + text contexts DIR/text_latent_clips, docs/wan.md)
   export  the EMA weights of the latest checkpoint -> an inference checkpoint DIR/export/step_N
   compile the train step compiled for a TPU slice here, no TPU needed (config.compile.topology,
           e.g. v5e-16): per-chip memory vs HBM, collectives, fits -> DIR/compile.json
@@ -94,6 +95,13 @@ def _export(config, workdir):
 
 
 def _encode(config, workdir):
+    from fvdm_jax.models.build import architecture_of
+
+    if architecture_of(config.model) == "wan":  # captioned videos -> text-latent clips
+        from fvdm_jax.jobs.encode_wan import encode_wan_clips
+
+        print(encode_wan_clips(config, workdir))
+        return
     from fvdm_jax.jobs.encode import encode_dataset
 
     print(encode_dataset(config, workdir))

@@ -16,7 +16,7 @@ from typing import Any
 
 from fvdm_jax.errors import ConfigError
 
-RECIPE_SECTIONS = ("model", "diffusion", "ptss", "data", "train")
+RECIPE_SECTIONS = ("model", "diffusion", "ptss", "data", "train", "lora")
 # Keys of the recipe sections that do not change what is trained: free to change on resume.
 OPERATIONAL_KEYS = {
     "model": {"dtype", "attention", "remat", "scan_layers"},  # precision, kernels, layout: not the weights
@@ -25,6 +25,7 @@ OPERATIONAL_KEYS = {
               "grad_accum_steps", "allow_recipe_change",  # accumulation keeps the maths
               # where the first state came from: a resume ignores them
               "init_from", "init_strict", "init_step_from_checkpoint"},
+    "lora": {"init_from", "export"},  # the adapters' first values; what an export writes
 }
 
 

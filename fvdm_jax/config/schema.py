@@ -157,6 +157,7 @@ def choices() -> Mapping[str, tuple]:
         "model.dtype": tuple(DTYPES),
         "model.param_dtype": tuple(DTYPES),
         "model.attention": tuple(ATTENTION_IMPLEMENTATIONS),
+        "lora.export": ("merged", "adapter"),
         "model.remat": tuple(REMAT_POLICIES),
         "diffusion.beta_schedule": tuple(BETA_SCHEDULES),
         "diffusion.prediction": tuple(PREDICTIONS),
@@ -167,6 +168,7 @@ def choices() -> Mapping[str, tuple]:
         "data.split": splits,
         "data.class_ids": tuple(CLASS_IDS),
         "vae.dtype": tuple(DTYPES),
+        "encoders.dtype": tuple(DTYPES),
         "train.schedule": tuple(LR_SCHEDULES),
         "sample.task": tuple(TASK_NAMES),
         "sample.sampler": tuple(SAMPLERS),
@@ -211,6 +213,7 @@ def ranges() -> Mapping[str, str]:
         "data.image_size": ">= 1",
         "data.num_examples": ">= 1",
         "data.synthetic_prompts": ">= 1",
+        "lora.rank": ">= 0",
         "data.seed": ">= 0",
         "data.num_workers": ">= 0",
         "data.cache_videos_per_shard": ">= 1",
@@ -219,6 +222,8 @@ def ranges() -> Mapping[str, str]:
         "data.hold_out_frames": ">= 0",
         "vae.scale_factor": "> 0",
         "vae.encode_batch_size": ">= 1",
+        "encoders.text_length": ">= 1",  # sampling/wan_encoders.py, data/tokenizer.py
+        "encoders.frame_interval": ">= 1",  # data/captioned.py read_clip
         # train_step.py validate_train_config.
         "train.num_steps": ">= 1",
         "train.batch_size": ">= 1",

@@ -272,6 +272,25 @@ def short_side_resize_crop(
     )
 
 
+def cover_resize_crop(
+    frames: np.ndarray, height: int, width: int, *, antialias: bool = True
+) -> np.ndarray:
+    """Resized (one scale for both axes) just enough to cover height x width, then the center
+    cropped: float32 (..., height, width, C). A square target is `short_side_resize_crop`'s; the
+    Wan encoders use it for their (8h, 8w) pixel windows."""
+    if height <= 0 or width <= 0:
+        raise ConfigError(f"resize target {height}x{width} must be positive.")
+    in_height, in_width = frames.shape[-3], frames.shape[-2]
+    if (in_height, in_width) == (height, width):
+        return np.asarray(frames, np.float32)
+    scale = max(height / in_height, width / in_width)
+    out_height = max(height, int(np.floor(in_height * scale + 1e-6)))
+    out_width = max(width, int(np.floor(in_width * scale + 1e-6)))
+    top, left = center_crop_offsets(out_height, out_width, height, width)
+    return resize_frames(frames, out_height, out_width, crop=(top, left, height, width),
+                         scale=(scale, scale), antialias=antialias)
+
+
 def square_crop_resize(frames: np.ndarray, image_size: int, *, antialias: bool = False):
     """Center crop to the short side's square, then resize to image_size: float32 (..., S, S, C)."""
     height, width = frames.shape[-3], frames.shape[-2]

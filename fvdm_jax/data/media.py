@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fvdm_jax.data.clips import short_side_resize_crop, to_signed_unit
+from fvdm_jax.data.clips import cover_resize_crop, short_side_resize_crop, to_signed_unit
 from fvdm_jax.data.video import VideoReadError, is_image_file, is_video_file, read_frames
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.runtime import files
@@ -122,12 +122,13 @@ def write_png(path: str, image) -> str:
     return path
 
 
-def load_input(path: str, size: int, max_frames: int | None = None) -> np.ndarray:
+def load_input(path: str, size: int | tuple[int, int],
+               max_frames: int | None = None) -> np.ndarray:
     """An image, a video file or a frame folder -> float32 (K, size, size, 3) in [-1, 1].
 
     Images give K = 1; videos their first `max_frames` frames (all when None). The short side is
     resized to `size` (antialiased: inputs are usually much larger than the model) and the
-    center is cropped.
+    center is cropped. size (H, W): resized to cover H x W, then center-cropped to (K, H, W, 3).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"sample input {path} does not exist")
@@ -149,12 +150,17 @@ def load_input(path: str, size: int, max_frames: int | None = None) -> np.ndarra
             raise ConfigError(f"sample input {path} is not a readable image ({error})") from None
     else:
         raise ConfigError(f"sample input {path} is neither an image, a video nor a frame folder")
-    resized = short_side_resize_crop(frames.astype(np.float32), size, antialias=True)
+    if isinstance(size, (tuple, list)):
+        resized = cover_resize_crop(frames.astype(np.float32), int(size[0]), int(size[1]))
+    else:
+        resized = short_side_resize_crop(frames.astype(np.float32), size, antialias=True)
     return to_signed_unit(np.round(resized))
 
 
-def load_inputs(paths: Sequence[str], size: int, max_frames: int | None = None) -> list[np.ndarray]:
-    """`load_input` of each path: a list of float32 (K_i, size, size, 3) clips."""
+def load_inputs(paths: Sequence[str], size: int | tuple[int, int],
+                max_frames: int | None = None) -> list[np.ndarray]:
+    """`load_input` of each path: a list of float32 (K_i, size, size, 3) (or (K_i, H, W, 3))
+    clips."""
     return [load_input(p, size, max_frames) for p in paths]
 
 

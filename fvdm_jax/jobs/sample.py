@@ -161,6 +161,7 @@ class _DitRun:
                                                 diffusion_config=diffusion_config)
         self.inputs = JobInputs(config, self.sampler, workdir)
         self.task, self.batch_size = config.sample.task, int(config.sample.batch_size)
+        self.settings = {}
 
     def videos(self, rng, indices) -> tuple[np.ndarray, np.ndarray | None, dict]:
         kwargs, labels = self.inputs.batch(indices)
@@ -173,19 +174,19 @@ class _DitRun:
 
 
 class _WanRun:
-    """A Wan job's batches: latents of the data's prompts (and frames), shown as pixels."""
+    """A Wan job's batches: latents of the prompts (and given frames), decoded to pixels by the
+    Wan VAE (encoders.vae) or shown as a latent preview."""
 
     def __init__(self, config, workdir: str):
         from fvdm_jax.sampling.wan_job import WanJob
 
         self.job = WanJob(config, workdir)
         self.model_config = self.job.model_config
+        self.settings = {"encoders": self.job.settings()}
 
     def videos(self, rng, indices) -> tuple[np.ndarray, None, dict]:
-        from fvdm_jax.sampling.wan_job import latent_preview
-
         latents = self.job.latents(rng, indices)
-        return latent_preview(latents), None, {"latents": latents}
+        return self.job.pixels(latents), None, {"latents": latents}
 
     def compilations(self) -> int:
         return self.job.compilations()
@@ -199,7 +200,7 @@ def sample_job(config, workdir: str) -> str:
     out = output_dir(config, workdir)
     batches_dir, media_dir = files.join(out, "batches"), files.join(out, "media")
     is_main = jax.process_index() == 0
-    record = _record(config, model_config, weights_identity(config, workdir))
+    record = {**_record(config, model_config, weights_identity(config, workdir)), **run.settings}
     record_path = files.join(out, "sample.json")
     if files.exists(record_path):
         with files.open_file(record_path) as f:

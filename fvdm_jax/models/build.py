@@ -64,6 +64,21 @@ def flat_model_config(model_config: Mapping[str, Any]):
     return flat
 
 
+def with_lora(model_config: Mapping[str, Any], lora_config: Mapping[str, Any] | None):
+    """The flat Wan model config with the adapters of a `lora` config section (rank > 0); the
+    model section as it is without adapters. Adapters on a DiT: ValueError."""
+    rank = int((lora_config or {}).get("rank") or 0)
+    if rank == 0:
+        return model_config
+    if architecture_of(model_config) != "wan":
+        raise ValueError(f"lora.rank={rank}: LoRA is implemented for Wan (model.architecture="
+                         f"'wan'); set lora.rank=0 for the DiT")
+    flat = dict(flat_model_config(model_config))
+    flat.update(lora_rank=rank, lora_alpha=lora_config.get("alpha"),
+                lora_targets=tuple(lora_config.get("targets") or ()))
+    return flat
+
+
 def model_from_config(model_config: Mapping[str, Any]):
     """Builds the network of the `model` config section (a ConfigDict or a plain dict)."""
     if architecture_of(model_config) == "wan":

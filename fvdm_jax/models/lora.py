@@ -121,3 +121,32 @@ def merge(params, lora: LoRA):
         return {k: fold(v) for k, v in tree.items()}
 
     return fold(dict(params))
+
+
+def split(params):
+    """{'params': tree} -> (adapters, frozen): two {'params': ...} trees, the adapter leaves in
+    the first, every other leaf in the second (dicts that end up empty are dropped)."""
+    def part(tree, keep):
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) or hasattr(value, "items"):
+                sub = part(value, keep)
+                if sub:
+                    out[key] = sub
+            elif (key in ADAPTER_NAMES) == keep:
+                out[key] = value
+        return out
+
+    tree = params["params"]
+    return {"params": part(tree, True)}, {"params": part(tree, False)}
+
+
+def join(frozen, adapters):
+    """The full {'params': ...} tree of `split`'s two parts."""
+    def both(a, b):
+        out = dict(a)
+        for key, value in b.items():
+            out[key] = both(a[key], value) if key in a and hasattr(value, "items") else value
+        return out
+
+    return {"params": both(frozen["params"], adapters["params"])}

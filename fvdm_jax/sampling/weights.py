@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 
+from fvdm_jax.models.build import model_from_config, with_lora
 from fvdm_jax.runtime import sharding as shd
-from fvdm_jax.training.state import abstract_ema_params
+from fvdm_jax.training.state import abstract_ema_params, has_adapters
 
 
 def unwrap_params(params):
@@ -44,12 +45,18 @@ def load_sampling_params(config, workdir: str):
             )
         mesh, rules = shd.make_mesh(config.mesh), shd.rules_from_config(config.mesh)
 
-        def abstract_for(saved):
-            return abstract_ema_params(weights_config(saved, config)[0], mesh, rules)
+        def trained_model(saved):  # with the adapters of a LoRA run
+            return with_lora(weights_config(saved, config)[0], saved.get("lora") or config.get("lora"))
 
         # The newest checkpoint whose EMA weights verify (a damaged one is skipped, reported).
-        latest, ema, saved = ckpt.restore_newest_good_ema(abstract_for)
+        latest, ema, saved = ckpt.restore_newest_good_ema(
+            lambda saved: abstract_ema_params(trained_model(saved), mesh, rules))
         model_config, diffusion_config = weights_config(saved, config)
+        model = model_from_config(trained_model(saved))
+        if has_adapters(model):  # LoRA: the EMA adapters folded into the frozen weights
+            from fvdm_jax.training.wan_init import merged_weights
+
+            ema = merged_weights(config, model, ema, mesh, rules)
     finally:
         ckpt.close()
     logging.info("sampling with the EMA parameters of step %d (%s)", latest, ckpt.directory)

@@ -21,6 +21,7 @@ import numpy as np
 from fvdm_jax.checkpoint.manager import TrainCheckpointer
 from fvdm_jax.checkpoint.recipe import check_resume
 from fvdm_jax.models.build import flat_model_config
+from fvdm_jax.models.wan import Wan
 from fvdm_jax.runtime import console
 from fvdm_jax.training import fit, flops
 from fvdm_jax.training.preemption import PeerWatch, Preemption, StopAgreement
@@ -131,12 +132,20 @@ def _train(config, workdir: str, preemption: Preemption, *, devices, actions, st
     ckpt = TrainCheckpointer(workdir, config.checkpoint)
 
     # The newest checkpoint that reads back and verifies; damaged ones are moved aside.
+    # LoRA: checkpoints hold the adapters; the frozen weights are put back at every start.
+    lora_run = setup.abstract_state.frozen is not None
     resumed = ckpt.restore_newest_good(
-        setup.abstract_state,
+        setup.abstract_state.replace(frozen=None) if lora_run else setup.abstract_state,
         check_config=lambda saved, step: check_resume(saved, config, step, ckpt.directory))
     latest = None if resumed is None else resumed[0]
     init_from = train_cfg.get("init_from")
-    if resumed is None and init_from:
+    wan = isinstance(setup.model, Wan)
+    if resumed is None and wan and (init_from or lora_run):
+        from fvdm_jax.training.wan_init import first_state
+
+        state = first_state(setup, config)
+        start = 0
+    elif resumed is None and init_from:
         # Fine-tuning: pretrained weights, a fresh optimizer, EMA = the weights (training/init_from.py).
         from fvdm_jax.training.init_from import state_from_pretrained
 
@@ -148,6 +157,10 @@ def _train(config, workdir: str, preemption: Preemption, *, devices, actions, st
     else:
         latest, state, _ = resumed
         start = int(jax.device_get(state.step))
+        if lora_run:
+            from fvdm_jax.training.wan_init import base_weights
+
+            state = state.replace(frozen=base_weights(setup, config))
         logging.info("resumed from %s at step %d", ckpt.directory, start)
         if init_from:
             logging.info("train.init_from=%s ignored: %s already has checkpoints (resumed at step %d)",
@@ -182,7 +195,7 @@ def _train(config, workdir: str, preemption: Preemption, *, devices, actions, st
         data_iter, setup.mesh, setup.rules, int(config.data.device_prefetch)
     )
     record = _config_record(config, setup)
-    flops_per_video = _train_flops_per_video(config)
+    flops_per_video = _train_flops_per_video(config, source)
     peak = _peak_flops(train_cfg)
     num_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(setup.abstract_state.params))
     console.banner("fvdm_jax train", console.training_rows(
@@ -242,7 +255,8 @@ def _train(config, workdir: str, preemption: Preemption, *, devices, actions, st
                             f"{k} {float(v):.5g}" for k, v in sorted(result.items())))
             if itstime(done, ckpt.every_steps) or final:
                 _check_finite(state, last_saved)
-                if ckpt.save(done, state, record, force=final):
+                saved = state.replace(frozen=None) if lora_run else state
+                if ckpt.save(done, saved, record, force=final):
                     last_saved = done
                     write_plots(workdir)  # plots/loss.png (and fvd.png) as of this checkpoint
             if stop:
@@ -265,9 +279,23 @@ def _config_record(config, setup: Setup) -> dict:
     return record
 
 
-def _train_flops_per_video(config) -> float | None:
-    forward = flops.model_flops_from_config(config.model)  # None: not counted for this model
-    return None if forward is None else 3.0 * forward  # forward + backward
+def _train_flops_per_video(config, source=None) -> float | None:
+    """Analytic FLOPs of one training step per video (forward + backward: flops.py's conventions;
+    a LoRA run's count is of what its step computes). A Wan model's count takes the latent shape
+    and text length of the data's first example (`source[0]`), else model.num_frames,
+    model.wan.latent_size and data.text_length; None when they are unknown (no MFU)."""
+    video_shape = text_length = None
+    if (config.model.get("architecture") or "dit") == "wan":
+        example = source[0] if source is not None else {}
+        if "video" in example:
+            video_shape = tuple(example["video"].shape[:3])  # (F, h, w)
+        if "context" in example:
+            text_length = int(example["context"].shape[0])
+        text_length = text_length or config.data.get("text_length")
+        if text_length is None:
+            return None
+    return float(flops.train_step_flops_from_config(
+        config.model, config.get("lora"), video_shape=video_shape, text_length=text_length))
 
 
 def _peak_flops(train_cfg) -> float | None:

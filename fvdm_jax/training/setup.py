@@ -13,7 +13,7 @@ import jax
 from fvdm_jax.diffusion.flow import FlowSchedule
 from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.errors import ConfigError
-from fvdm_jax.models.build import model_from_config
+from fvdm_jax.models.build import model_from_config, with_lora
 from fvdm_jax.models.wan import Wan
 from fvdm_jax.runtime import sharding as shd
 from fvdm_jax.training.state import TrainState, abstract_state
@@ -35,7 +35,7 @@ class Setup:
 
 
 def build_setup(config, devices=None) -> Setup:
-    model = model_from_config(config.model)
+    model = model_from_config(with_lora(config.model, config.get("lora")))
     schedule = schedule_from_config(config.diffusion)
     optimizer = make_optimizer(config.train)
     mesh = shd.make_mesh(config.mesh, devices)

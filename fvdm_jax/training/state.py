@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fvdm_jax.models import lora
 from fvdm_jax.models.build import init_inputs, model_from_config
 from fvdm_jax.runtime import sharding as shd
 
@@ -27,6 +28,10 @@ class TrainState:
     ema_params: Any  # same tree, float32 EMA of params
     opt_state: Any
     first_nonfinite_step: jax.Array  # () int32: first step with a non-finite loss/grad, else -1
+    # LoRA (a model with adapters): the frozen weights, {'params': ...} without the adapters;
+    # params, ema_params and opt_state then hold the adapters alone. None otherwise. Never saved:
+    # the loop restores a checkpoint without it and puts the base weights back.
+    frozen: Any = None
 
 
 def init_state(rng, model: nn.Module, optimizer, *, boxed: bool) -> TrainState:
@@ -35,13 +40,22 @@ def init_state(rng, model: nn.Module, optimizer, *, boxed: bool) -> TrainState:
     params = model.init(rng, *init_inputs(model))
     if not boxed:
         params = nn.unbox(params)
+    frozen = None
+    if has_adapters(model):
+        params, frozen = lora.split(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema_params=jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params),
         opt_state=optimizer.init(params),
         first_nonfinite_step=jnp.full((), -1, jnp.int32),
+        frozen=frozen,
     )
+
+
+def has_adapters(model) -> bool:
+    """Whether the model carries LoRA adapters (training then updates only them)."""
+    return getattr(getattr(model, "lora", None), "rank", 0) > 0
 
 
 def abstract_state(model: nn.Module, mesh, rules, optimizer=None, *, strict: bool = False, seed: int = 0):

@@ -25,6 +25,7 @@ from fvdm_jax.diffusion.ptss import PTSS_MODES
 from fvdm_jax.diffusion.schedule import Schedule
 from fvdm_jax.diffusion.schemes import SCHEMES, draw_frame_timesteps
 from fvdm_jax.errors import ConfigError
+from fvdm_jax.models import lora
 from fvdm_jax.models.dit import DiT, drop_labels
 from fvdm_jax.runtime import sharding as shd
 from fvdm_jax.training.flow_step import FLOW_AUX_KEYS, flow_objective
@@ -163,6 +164,12 @@ def update_step(state: TrainState, loss_fn, inputs: tuple, aux_keys: tuple, *,
     loss_fn(params, *inputs) -> (loss, {aux_keys: means}) (accumulated over
     train.grad_accum_steps micro-batches of the batch-major `inputs`; None entries stay None),
     `apply_gradients`, and the on-device non-finite record. Returns (state, metrics)."""
+    if state.frozen is not None:  # LoRA: gradients of the adapters only, the base held fixed
+        full_loss = loss_fn
+
+        def loss_fn(adapters, *xs):
+            return full_loss(lora.join(state.frozen, adapters), *xs)
+
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     num_micro = int(train["grad_accum_steps"])
     if num_micro == 1:
@@ -202,6 +209,7 @@ def update_step(state: TrainState, loss_fn, inputs: tuple, aux_keys: tuple, *,
         ema_params=ema,
         opt_state=opt_state,
         first_nonfinite_step=first_bad,
+        frozen=state.frozen,
     )
     metrics = dict(aux, grad_norm=grad_norm, lr=learning_rate_schedule(train)(state.step))
     return new_state, metrics

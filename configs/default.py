@@ -166,6 +166,10 @@ def get_config() -> config_dict.ConfigDict:
     # A LoRA file to start the adapters from (peft / diffusers or Wan's original / Kijai names,
     # e.g. Pusa's published LoRA); its rank must be lora.rank, its alpha (when stored) is used.
     lora.init_from = config_dict.placeholder(str)
+    # Multiplies alpha / rank where adapters are folded into the weights for sampling or export
+    # (Pusa applies its LoRA at about 1.4); with sample.checkpoint, a plain Wan inference
+    # checkpoint, and lora.init_from, --mode=sample merges that LoRA file at this strength.
+    lora.strength = 1.0
     # --mode=export of a LoRA run: 'merged' (base + alpha / r A B, an inference checkpoint) or
     # 'adapter' (WORKDIR/export/step_N/lora.safetensors with Wan's original names, as Pusa's).
     lora.export = "merged"

@@ -33,6 +33,7 @@ TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, 
             out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
 SIZES = dict(num_layers=2, dim=24, num_heads=2, ffn_dim=32)
 RANK, ALPHA = 4, 8.0
+CONVERTED = {}  # the converted base checkpoint's folder, once the fixture made it
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"]
 
 
@@ -46,6 +47,7 @@ def setup(tmp_path_factory):
             p.copy_(torch.randn_like(p) * 0.3)
     reference.save_pretrained(root / "base")
     convert_wan(str(root / "base"), str(root / "converted"))
+    CONVERTED["path"] = str(root / "converted")  # for the sampling test
     params, config = load_inference_checkpoint(str(root / "converted"))
     reference.add_adapter(peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=PEFT_TARGETS))
     with torch.no_grad():
@@ -154,3 +156,25 @@ def nn_unbox(tree):
     import flax.linen as nn
 
     return nn.unbox(tree)
+
+
+def test_sampling_merges_a_lora_file_at_a_strength(setup):
+    """sample.checkpoint (a plain converted Wan) + lora.init_from (a LoRA file) + lora.strength:
+    the sampler's weights are W + strength * alpha / r A B."""
+    import os
+
+    from fvdm_jax.config.load import load_config
+    from fvdm_jax.sampling.weights import load_sampling_params
+
+    _, params, model_config, path = setup
+    config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "wan_tiny.py"))
+    config.sample.checkpoint = CONVERTED["path"]
+    config.lora.init_from, config.lora.alpha, config.lora.strength = path, ALPHA, 1.4
+    _, _, merged = load_sampling_params(config, "/nonexistent")
+    adapters, *_ = adapters_from_state_dict(read_lora_file(path), **SIZES)
+    down = adapters["blocks"]["ffn"]["fc1"]["lora_down"]  # (L, D, r)
+    up = adapters["blocks"]["ffn"]["fc1"]["lora_up"]  # (L, r, F)
+    kernel = np.asarray(params["params"]["blocks"]["ffn"]["fc1"]["kernel"])
+    want = kernel + 1.4 * ALPHA / RANK * np.einsum("ldr,lrf->ldf", down, up)
+    np.testing.assert_allclose(np.asarray(merged["params"]["blocks"]["ffn"]["fc1"]["kernel"]), want,
+                               rtol=1e-5, atol=1e-5)

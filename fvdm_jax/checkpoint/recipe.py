@@ -25,7 +25,7 @@ OPERATIONAL_KEYS = {
               "grad_accum_steps", "allow_recipe_change",  # accumulation keeps the maths
               # where the first state came from: a resume ignores them
               "init_from", "init_strict", "init_step_from_checkpoint"},
-    "lora": {"init_from", "export"},  # the adapters' first values; what an export writes
+    "lora": {"init_from", "export", "strength"},  # first values; what an export / sample uses
 }
 
 

@@ -149,3 +149,16 @@ def adapter_state_dict(params, alpha: float) -> dict[str, np.ndarray]:
                 out[f"{stem}.lora_up.weight"] = np.ascontiguousarray(up[i])
                 out[f"{stem}.alpha"] = np.asarray(alpha, np.float32)
     return out
+
+
+def merge_lora_file(params, model_config, path: str, *, alpha: float | None = None,
+                    strength: float = 1.0):
+    """A plain Wan's {'params': ...} with the LoRA file at `path` folded in at `strength`:
+    W + strength * alpha / r A B (alpha: the file's, else `alpha`, else r)."""
+    from fvdm_jax.models.lora import LoRA, merge
+
+    model_config = dict(model_config)
+    sizes = {k: int(model_config[k]) for k in ("num_layers", "dim", "num_heads", "ffn_dim")}
+    adapters, rank, stored, targets = adapters_from_state_dict(read_lora_file(path), **sizes)
+    alpha = stored if stored is not None else (rank if alpha is None else float(alpha))
+    return merge(with_adapters(params, adapters), LoRA(rank, float(alpha) * float(strength), targets))

@@ -33,7 +33,16 @@ def load_sampling_params(config, workdir: str):
     if path:
         params, saved = load_inference_checkpoint(path)
         logging.info("sampling with the inference checkpoint %s", path)
-        return saved["model"], saved["diffusion"], unwrap_params(params)
+        params = unwrap_params(params)
+        lora_file = (config.get("lora") or {}).get("init_from")
+        if lora_file:  # a LoRA file (Pusa's published one) folded in at lora.strength
+            from fvdm_jax.convert.wan_lora import merge_lora_file
+
+            strength = float(config.lora.get("strength", 1.0))
+            params = merge_lora_file(params, saved["model"], lora_file, alpha=config.lora.get("alpha"),
+                                     strength=strength)
+            logging.info("with the LoRA %s at strength %g", lora_file, strength)
+        return saved["model"], saved["diffusion"], params
     from fvdm_jax.checkpoint.recipe import weights_config
 
     ckpt = TrainCheckpointer(workdir, config.checkpoint, read_only=True)

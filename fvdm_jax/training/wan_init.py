@@ -140,7 +140,12 @@ def lora_base(config, model, mesh, rules):
 def merged_weights(config, model, ema, mesh, rules):
     """{'params': ...} of a LoRA run's EMA adapters folded into its frozen weights
     (W + alpha / r A B, in the weights' dtype): a plain model's weights."""
+    import dataclasses
+
     from fvdm_jax.models import lora
 
     base = lora_base(config, model, mesh, rules)
-    return jax.jit(lambda b, a: lora.merge(lora.join(b, a), model.lora))(base, ema)
+    alpha = model.lora.alpha if model.lora.alpha is not None else model.lora.rank
+    strength = float(config.lora.get("strength", 1.0))
+    scaled = dataclasses.replace(model.lora, alpha=float(alpha) * strength)
+    return jax.jit(lambda b, a: lora.merge(lora.join(b, a), scaled))(base, ema)

@@ -14,6 +14,7 @@ def get_config():
     adapters = pusa.get_config()
     config.model.param_dtype = adapters.model.param_dtype
     config.lora = adapters.lora
+    config.lora.rank, config.lora.alpha = 512, 512.0  # Pusa V1
     config.ptss.scheme = adapters.ptss.scheme
     config.train.lr = adapters.train.lr
     config.train.text_dropout_prob = adapters.train.text_dropout_prob

@@ -102,6 +102,7 @@ def test_train_throughput_smoke_with_every_switch():
     assert line["loss"] == line["loss"]  # finite enough to compare: not NaN
 
 
+@pytest.mark.slow  # ~15 s: the throughput smoke test above keeps the script in the default suite
 def test_train_throughput_compile_only_on_8_devices():
     (line,) = run_bench(
         "train_throughput.py", "--config=configs/tiny.py", "--compile_only", "--mesh=-1,1,1",
@@ -114,6 +115,7 @@ def test_train_throughput_compile_only_on_8_devices():
     assert line["memory_plan"]["argument_bytes"] > 0
 
 
+@pytest.mark.slow  # ~15 s on 2 cores: a benchmark's own smoke test
 def test_train_ab_smoke_alternates_variants():
     lines = run_bench(
         "train_ab.py", "--config=configs/tiny.py", "--mesh=1,1,1", "--rounds=1",

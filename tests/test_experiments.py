@@ -133,6 +133,7 @@ def test_stored_results_of_earlier_versions_read_back_without_training(tmp_path)
     assert not any(os.path.exists(out / run / "checkpoints") for run in ("p0", "p0.2", "p0.5", "p1"))
 
 
+@pytest.mark.slow  # ~25-40 s on 2 cores; the command's argument and result tests stay
 def test_tiny_scheme_comparison_end_to_end_and_resume(tmp_path):
     """Two schemes through the real training, sampler and I3D (the default suite's run)."""
     data = write_videos(tmp_path / "videos", 8)

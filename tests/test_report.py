@@ -58,6 +58,7 @@ def test_bad_verdict_config_is_one_line():
         checks.check(config, "train")
 
 
+@pytest.mark.slow  # ~35-50 s on 2 cores; test_demo_quality (slow) runs the verdict at full size
 def test_verdict_of_a_tiny_demo_model(tmp_path):
     """Train 2 steps on held-out demo clips, then the verdict with the real sampler and I3D: one
     row per task and baseline in eval.jsonl, the table, and the contact sheets."""

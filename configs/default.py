@@ -333,7 +333,9 @@ def get_config() -> config_dict.ConfigDict:
     compile_.topology = ""  # required by --mode=compile: v5e-16 / v6e-256 (chips), v4-8 / v5p-128 (cores), v5e:4x4
     compile_.num_slices = 1  # slices of that topology joined over DCN (multislice); mesh axis 0 spans them
     # train_step / sample (one sample.batch_size batch of 'generate') / vae_encode (one --mode=encode
-    # call; latent models) / fvd_features (one eval.batch_size batch of the I3D)
+    # call; latent models; Wan: its VAE on one video, one chip) / fvd_features (one eval.batch_size
+    # batch of the I3D; DiT) / vae_decode, text_encode (Wan only: its VAE decoding sample.batch_size
+    # videos, UMT5 on one prompt, one chip each)
     compile_.programs = ("train_step", "sample", "vae_encode", "fvd_features")
     # True: search the train step's layouts breadth-first (mesh x remat x micro-batches) and keep the
     # cheapest that fits (least remat, then fewest collective bytes), with its --config flags.

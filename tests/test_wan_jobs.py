@@ -160,3 +160,49 @@ def test_wan_compiles_for_a_tpu_slice(tmp_path):
     assert train_step["collectives"]["all-gather"]["count"] > 0
     assert train_step["collectives"]["reduce-scatter"]["count"] > 0
     assert records[1]["num_steps"] == 4 and jax.device_count() >= 1
+
+
+def test_wan_encoders_compile_for_a_tpu_slice(tmp_path):
+    """--mode=compile of a Wan config compiles its own encoders on one chip each, from the
+    config.json of encoders.vae / encoders.text alone (no weights): the Wan VAE's encode of
+    1 + 4 (F - 1) frames and decode of the latents back, and UMT5 on encoders.text_length tokens;
+    FVD stays DiT-only."""
+    pytest.importorskip("libtpu", reason="--mode=compile needs libtpu")
+    from fvdm_jax.jobs import compile as compile_job
+
+    vae, text = tmp_path / "vae", tmp_path / "text_encoder"
+    vae.mkdir(), text.mkdir()
+    (vae / "config.json").write_text(json.dumps({
+        "_class_name": "AutoencoderKLWan", "base_dim": 4, "z_dim": 4, "dim_mult": [1, 1, 1],
+        "num_res_blocks": 1, "temperal_downsample": [True, True],
+        "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}))
+    (text / "config.json").write_text(json.dumps({
+        "vocab_size": 64, "d_model": 16, "d_kv": 4, "d_ff": 32, "num_heads": 4, "num_layers": 2,
+        "feed_forward_proj": "gated-gelu", "torch_dtype": "float32"}))
+    config = tiny(**{"compile.topology": "v5e:2x2", "mesh.shape": (2, 2, 1),
+                     "compile.programs": ("vae_encode", "vae_decode", "text_encode", "fvd_features"),
+                     "encoders.vae": str(vae), "encoders.text": str(text),
+                     "encoders.text_length": 8})
+    config.model.wan.latent_size = (2, 4)
+    checks.check(config, "compile")
+    records, text_report = compile_job.compile_job(config, str(tmp_path / "work"))
+    encode, decode, umt5, fvd = records
+    for record in (encode, decode, umt5):
+        assert record["fits"] is True and record["mesh"] == {"one chip": 1}
+        assert record["memory_gib"]["arguments"] > 0 and not any(
+            kind["count"] for kind in record["collectives"].values())  # nothing crosses chips
+        assert f"{record['program']}: one chip" in text_report
+    # 4 latent frames of 2 x 4 -> 1 + 4 * 3 = 13 frames of 8 x 16 pixels (spatial factor 4):
+    # one video encoded, a batch of sample.batch_size = 2 decoded.
+    assert (encode["video_shape"], encode["latent_shape"]) == ([1, 13, 8, 16, 3], [1, 4, 2, 4, 4])
+    assert (decode["video_shape"], decode["latent_shape"]) == ([2, 13, 8, 16, 3], [2, 4, 2, 4, 4])
+    assert encode["vae_config"] == str(vae / "config.json")
+    assert encode["memory_gib"]["outputs"] < decode["memory_gib"]["outputs"]  # latents < pixels
+    assert (umt5["tokens"], umt5["d_model"], umt5["param_dtype"]) == ([1, 8], 16, "float32")
+    assert fvd["fits"] is None and "DiT-only" in fvd["skipped"]
+    with open(tmp_path / "work" / "compile.json") as f:
+        assert [r["program"] for r in json.load(f)] == [r["program"] for r in records]
+    # The Wan 2.1 VAE (no encoders.vae) makes 16 channels, the tiny Wan takes 4: one line.
+    config.encoders.vae, config.compile.programs = None, ("vae_encode",)
+    (skipped,), _ = compile_job.compile_job(config, str(tmp_path / "work"))
+    assert skipped["fits"] is None and "16-channel latents" in skipped["skipped"]

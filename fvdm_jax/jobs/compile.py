@@ -12,6 +12,14 @@ whether it fits. A program that does not fit fails to compile in seconds (RESOUR
 line with the need and the HBM, recorded with fits=false. Printed as a table and written to
 WORKDIR/compile.json (a list, one record per program).
 
+A Wan config (model.architecture='wan') compiles its own encoders as --mode=encode and
+--mode=sample run them, each on one chip: `vae_encode` (the Wan VAE's encode_video of one video
+of 1 + 4 (model.num_frames - 1) frames at model.wan.latent_size x 8 pixels), `vae_decode` (the
+latents of sample.batch_size videos back to pixels, as --mode=sample decodes a batch) and
+`text_encode` (UMT5 on one prompt of encoders.text_length tokens). The architectures come from
+the config.json of encoders.vae / encoders.text (no weights are read), else the Wan 2.1 VAE and
+UMT5-XXL; matmuls in encoders.dtype. `fvd_features` is DiT-only.
+
 Topology names: `v5e-16` / `v6e-256` (chips), `v4-8` / `v5p-128` (TensorCores, 2 per chip, as
 Cloud TPU accelerator types count them), or explicit `v5e:4x4`, `v5p:4x4x4`. model.remat=auto
 and model.attention=auto resolve for the TPU, not for this machine's backend.
@@ -26,6 +34,13 @@ import os
 
 from fvdm_jax.errors import ConfigError
 from fvdm_jax.runtime.topology import Target, parse_topology, target_devices  # noqa: F401
+from fvdm_jax.sampling.wan_compile import (
+    build_umt5,
+    build_wan_vae,
+    text_encode_record,
+    vae_decode_record,
+    wan_vae_encode_record,
+)
 
 
 def for_target(config, platform: str = "tpu"):
@@ -222,8 +237,18 @@ def fvd_features_record(config, devices, hbm_gib: float, where: str, options=Non
                 video_shape=[frames, size, size, 3])
 
 
+def vae_encode_or_wan(config, devices, hbm_gib: float, where: str, options=None) -> dict:
+    """vae_encode: the Wan VAE's (`wan_vae_encode_record`) for a Wan config, else the
+    AutoencoderKL's frames of one --mode=encode call (`vae_encode_record`)."""
+    program = wan_vae_encode_record if _is_wan(config) else vae_encode_record
+    return program(config, devices, hbm_gib, where, options)
+
+
 PROGRAMS = {"train_step": train_step_record, "sample": sample_record,
-            "vae_encode": vae_encode_record, "fvd_features": fvd_features_record}
+            "vae_encode": vae_encode_or_wan, "fvd_features": fvd_features_record,
+            "vae_decode": vae_decode_record, "text_encode": text_encode_record}
+# Programs of Wan's own encoders (model.architecture='wan' only).
+WAN_ONLY = ("vae_decode", "text_encode")
 
 
 # ---- the job -----------------------------------------------------------------------------------
@@ -259,6 +284,8 @@ def report(records: list[dict]) -> str:
             comm = f", {trial['collective_bytes'] / 2**20:.1f} MiB collectives" if trial["fits"] else ""
             lines.append(f"  tried {trial['flags']}: {'fits' if trial['fits'] else 'does not fit'}"
                          f", {total}{comm}")
+    lines += [f"{r['program']}: {r['placement']}" for r in records
+              if r.get("placement") and not r.get("skipped")]
     lines += [r["error"] for r in records if r["fits"] is False and r.get("error")]
     lines += [f"{r['program']}: skipped, {r['skipped']}" for r in records if r.get("skipped")]
     return "\n".join(lines)
@@ -275,8 +302,10 @@ def _programs(config) -> list[str]:
 def _skip_reason(name: str, config) -> str | None:
     from fvdm_jax.models.i3d import I3D_MIN_FRAMES
 
-    if _is_wan(config) and name in ("vae_encode", "fvd_features"):
-        return "a Wan model: its programs are train_step and sample"
+    if _is_wan(config):
+        return _wan_skip_reason(name, config)
+    if name in WAN_ONLY:
+        return f"{name} compiles Wan's encoders: the model is not a Wan model"
     if name == "fvd_features" and int(config.model.num_frames) < I3D_MIN_FRAMES:
         return (f"FVD's I3D needs at least {I3D_MIN_FRAMES} frames; the model makes "
                 f"{config.model.num_frames}")
@@ -285,6 +314,25 @@ def _skip_reason(name: str, config) -> str | None:
     if name == "vae_encode" and vae_config_path(config) is None:
         return ("no VAE architecture: set vae.checkpoint or config.compile.vae_config (a diffusers "
                 "AutoencoderKL config.json, e.g. configs/vae/sd-vae-ft-ema.json)")
+    return None
+
+
+def _wan_skip_reason(name: str, config) -> str | None:
+    if name == "fvd_features":
+        return "a Wan model: FVD (the I3D on pixels) is DiT-only"
+    if name in ("vae_encode", "vae_decode"):
+        vae, source = build_wan_vae(config)
+        if vae.z_dim != int(config.model.in_channels):
+            return (f"the Wan VAE of {source} makes {vae.z_dim}-channel latents, "
+                    f"model.in_channels={config.model.in_channels}: set encoders.vae")
+    if name == "text_encode":
+        from fvdm_jax.models.build import flat_model_config
+
+        model, _, source = build_umt5(config)
+        text_dim = int(flat_model_config(config.model)["text_dim"])
+        if int(model.d_model) != text_dim:
+            return (f"the UMT5 of {source} gives {model.d_model}-wide contexts, "
+                    f"model.wan.text_dim={text_dim}: set encoders.text")
     return None
 
 

@@ -93,9 +93,11 @@ class WanVideoVAE:
 
     def decode(self, latents) -> np.ndarray:
         """Normalised latents (B, F, h, w, z_dim) -> pixels (B, 1 + 4 (F - 1), 8h, 8w, 3) float32
-        in [-1, 1]."""
-        return np.asarray(self._decode(self.vae, self.params, jnp.asarray(latents, jnp.float32)),
-                          np.float32)
+        in [-1, 1], one video per call (a batch of 81-frame 480p videos at once needs ~94 GiB:
+        --mode=compile's vae_decode program)."""
+        return np.concatenate([
+            np.asarray(self._decode(self.vae, self.params, jnp.asarray(one[None], jnp.float32)),
+                       np.float32) for one in np.asarray(latents)])
 
 
 def tokenizer_path(encoders: Mapping[str, Any], text_path: str) -> str:

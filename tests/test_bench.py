@@ -84,6 +84,7 @@ def test_encode_throughput_smoke():
     assert line["block_out_channels"] == [8, 8]
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: every switch of the benchmark script
 def test_train_throughput_smoke_with_every_switch():
     (line,) = run_bench(
         "train_throughput.py", "--config=configs/tiny.py", "--steps=1", "--mesh=1,1,1",

@@ -93,6 +93,7 @@ def test_tiny_train_step_compiles_for_v5e_2x2(tmp_path):
     assert "train_step" in text and "yes" in text
 
 
+@pytest.mark.slow  # ~15 s; the one-slice compile tests stay in the default suite
 def test_tiny_train_step_compiles_for_two_slices(tmp_path):
     records, _ = compile_job.compile_job(tiny("v5e:2x2", num_slices=2), str(tmp_path))
     record = check_fits(records, 8)

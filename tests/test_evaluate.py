@@ -392,6 +392,7 @@ def _weights_or_skip():
         pytest.skip(str(error))
 
 
+@pytest.mark.slow  # ~17 s; the I3D's equivalence tests stay in the default suite
 def test_real_i3d_ranks_real_clips_before_noise(tmp_path, monkeypatch):
     """The real detector through eval_job, on 2 demo clips (CPU: ~2 s per 9-frame video): their
     mirror images are near, noise is far."""
@@ -516,6 +517,7 @@ def test_sanity_ordering_real_halves_shuffled_noise():
     assert scores == pytest.approx(table, rel=1e-4), scores
 
 
+@pytest.mark.slow  # ~25 s; FVD of the eval job stays in the default suite
 def test_fvd_during_training_with_the_real_sampler_and_i3d(tmp_path):
     """train() with the train job's periodic actions -> training_fvd at step 2: the real scan
     sampler, the real I3D weights, the demo clips as the real set; the FVD lands in metrics.jsonl

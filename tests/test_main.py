@@ -45,6 +45,9 @@ def losses(workdir):
         return [json.loads(line) for line in f]
 
 
+# ~40 s on 2 cores: slow; test_train's in-process export and test_launch's command-line runs
+# stay in the default suite.
+@pytest.mark.slow
 def test_train_then_export_from_the_command_line(tmp_path):
     workdir = str(tmp_path / "run")
     code, _, err = finish(run_main(

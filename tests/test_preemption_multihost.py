@@ -157,6 +157,9 @@ def check_one_checkpoint_of_the_same_step(workdir, reason):
     return saved[0]
 
 
+# ~90 s on 2 cores with its reference run: slow like the rest of this file; test_launch keeps a
+# 2-process run, test_train the signal handling, in the default suite.
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path, reference):
     workdir, codes, seconds = signalled_run(tmp_path, lambda procs: procs[0].send_signal(signal.SIGTERM))
     assert codes == [EXIT_SIGTERM, EXIT_SIGTERM], stderr(workdir, 0)[-3000:] + stderr(workdir, 1)[-3000:]

@@ -61,7 +61,8 @@ def test_reference_run_learns_and_compiles_once(reference_run):
     assert len(losses) == STEPS and all(np.isfinite(losses))
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (4, 2, 1), (2, 2, 2)])
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), pytest.param((4, 2, 1), marks=pytest.mark.slow),
+                                        (2, 2, 2)])
 def test_meshes_give_the_same_training(reference_run, tmp_path, mesh_shape):
     ref_result, ref_losses = reference_run
     result = train(tiny_config(**{"mesh.shape": mesh_shape}), str(tmp_path))

@@ -40,9 +40,9 @@ import ml_dtypes
 import numpy as np
 
 from fvdm_jax.convert.tensors import ConversionError, listed, read_safetensors
+from fvdm_jax.convert.wan import TORCH_SUFFIXES, read_torch
 from fvdm_jax.models.umt5 import CONFIG_DEFAULTS, REQUIRED_KEYS, feed_forward_kind
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
@@ -68,37 +68,11 @@ _WAN_TOP = {"token_embedding.weight": "shared.weight", "norm.weight": "encoder.f
 
 # --- reading files --------------------------------------------------------------------------------
 
-def _torch_to_numpy(value) -> np.ndarray:
-    import torch
-
-    value = value.detach().cpu()
-    if value.dtype == torch.bfloat16:  # numpy has no bfloat16: keep the bits
-        return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return value.numpy()
-
-
-def _read_torch(path: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(f"reading {path} needs torch (pip install torch), or convert it to "
-                          f".safetensors first") from None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    while isinstance(obj, Mapping) and not any(hasattr(v, "shape") for v in obj.values()):
-        inner = next((obj[k] for k in ("state_dict", "model", "module") if k in obj), None)
-        if inner is None:
-            raise ConversionError(f"{path}: no state_dict found (top-level keys {listed(obj, 6)})")
-        obj = inner
-    if not isinstance(obj, Mapping):
-        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict")
-    return {str(k): _torch_to_numpy(v) for k, v in obj.items() if hasattr(v, "shape")}
-
-
 def _read_file(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         return read_safetensors(path)
     if path.endswith(TORCH_SUFFIXES):
-        return _read_torch(path)
+        return read_torch(path)
     raise ConversionError(f"unknown weights file type of {path}: use .safetensors or one of "
                           f"{', '.join(TORCH_SUFFIXES)}")
 

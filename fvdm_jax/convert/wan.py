@@ -113,7 +113,7 @@ def _torch_to_numpy(value) -> np.ndarray:
     return value.numpy()
 
 
-def _read_torch(path: str) -> dict[str, np.ndarray]:
+def read_torch(path: str) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
@@ -125,6 +125,8 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
         if inner is None:
             raise ConversionError(f"{path}: no state_dict found (top-level keys {listed(obj, 6)})")
         obj = inner
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict")
     return {str(k): _torch_to_numpy(v) for k, v in obj.items() if hasattr(v, "shape")}
 
 
@@ -132,7 +134,7 @@ def _read_file(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         return read_safetensors(path)
     if path.endswith(TORCH_SUFFIXES):
-        return _read_torch(path)
+        return read_torch(path)
     raise ConversionError(f"unknown weights file type of {path}: use .safetensors or one of "
                           f"{', '.join(TORCH_SUFFIXES)}")
 
